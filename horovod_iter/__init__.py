@@ -1,0 +1,2 @@
+"""horovod_iter: a distributed input pipeline for PyTorch."""
+__version__ = "0.1.0"
