@@ -6,8 +6,9 @@ unchanged under ``horovodrun``, ``torchrun`` and plain ``python``.
 
 Collectives offered (and nothing more): allreduce of a small integer tensor (sum, min, max),
 blocking or asynchronous with a timeout; ``broadcast_object``; ``allgather_object``; ``barrier``.
-Under torch.distributed they run on a dedicated gloo group created once, so they never interleave
-with the trainer's own NCCL/gloo collectives; under Horovod every asynchronous op gets a unique name.
+Under torch.distributed they run on a dedicated gloo group created once, so they never
+interleave with the trainer's own NCCL/gloo collectives; under Horovod every asynchronous op gets
+a unique name.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ import torch
 from .errors import BackendError, DataTimeoutError
 
 __all__ = [
-    "Backend",
-    "AsyncHandle",
-    "init",
-    "get_backend",
-    "shutdown",
-    "BACKEND_ENV",
     "BACKENDS",
+    "BACKEND_ENV",
+    "AsyncHandle",
+    "Backend",
+    "get_backend",
+    "init",
+    "shutdown",
 ]
 
 #: Environment variable that overrides backend auto-detection.
@@ -81,7 +82,7 @@ def _poll_until(done: Callable[[], bool], timeout: float | None) -> bool:
     return True
 
 
-def _timeout_error(backend: "Backend", what: str, timeout: float | None) -> DataTimeoutError:
+def _timeout_error(backend: Backend, what: str, timeout: float | None) -> DataTimeoutError:
     return DataTimeoutError(
         f"rank {backend.rank} of {backend.size} ({backend.name} backend) waited more than "
         f"{timeout} s for {what}: another rank is stalled, has died, or stopped iterating "
@@ -136,7 +137,7 @@ class Backend(ABC):
     def barrier(self) -> None:
         """Block until every rank arrives."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what this backend created (process groups, Horovod if we initialised it)."""
 
     def __repr__(self) -> str:
@@ -157,10 +158,10 @@ class LocalBackend(Backend):
     """One process: size 1, collectives are identities."""
 
     name = "local"
-    rank = 0  # type: ignore[assignment]
-    size = 1  # type: ignore[assignment]
-    local_rank = 0  # type: ignore[assignment]
-    local_size = 1  # type: ignore[assignment]
+    rank = 0
+    size = 1
+    local_rank = 0
+    local_size = 1
 
     def allreduce_async(self, tensor: torch.Tensor, op: str = "sum",
                         name: str | None = None) -> AsyncHandle:
@@ -180,7 +181,7 @@ class LocalBackend(Backend):
 
 
 class _HorovodHandle(AsyncHandle):
-    def __init__(self, backend: "HorovodBackend", handle: Any) -> None:
+    def __init__(self, backend: HorovodBackend, handle: Any) -> None:
         self._backend = backend
         self._handle = handle
         self._result: torch.Tensor | None = None
@@ -249,7 +250,8 @@ class HorovodBackend(Backend):
                                           name=f"horovod_iter.bcast.{next(self._names)}")
 
     def allgather_object(self, obj: Any) -> list[Any]:
-        return list(self._hvd.allgather_object(obj, name=f"horovod_iter.gather.{next(self._names)}"))
+        name = f"horovod_iter.gather.{next(self._names)}"
+        return list(self._hvd.allgather_object(obj, name=name))
 
     def barrier(self) -> None:
         self._hvd.barrier()
@@ -261,7 +263,7 @@ class HorovodBackend(Backend):
 
 
 class _TorchHandle(AsyncHandle):
-    def __init__(self, backend: "TorchBackend", work: Any, tensor: torch.Tensor) -> None:
+    def __init__(self, backend: TorchBackend, work: Any, tensor: torch.Tensor) -> None:
         self._backend = backend
         self._work = work
         self._tensor = tensor
@@ -453,10 +455,13 @@ def init(backend: str | None = None) -> Backend:
                 )
             return _backend
         if wanted is None:
-            env = os.environ.get(BACKEND_ENV)
-            wanted = _normalise(env) if env else None
-            if env and wanted is None and env.strip().lower() != "auto":
-                raise ValueError(f"{BACKEND_ENV}={env!r} is not one of {BACKENDS} or 'auto'")
+            env = os.environ.get(BACKEND_ENV, "").strip().lower()
+            if env not in ("", "auto", *BACKENDS):
+                raise ValueError(
+                    f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r} is not one of {BACKENDS} or "
+                    "'auto'; fix or unset the environment variable"
+                )
+            wanted = _normalise(env)
         name = wanted or _detect()
         _backend = _FACTORIES[name]()
         return _backend

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["permute", "permutation", "ROUNDS"]
+__all__ = ["ROUNDS", "permutation", "permute"]
 
 ROUNDS = 8
 _M1 = np.uint64(0xFF51AFD7ED558CCD)

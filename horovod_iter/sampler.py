@@ -322,7 +322,9 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
 def _validate_state(state: Any) -> dict[str, Any]:
     """Check a sampler state dict's form; return a normalised copy or raise naming the fault."""
     if not isinstance(state, Mapping):
-        raise TypeError(f"sampler state must be a dict from state_dict(), got {type(state).__name__}")
+        raise TypeError(
+            f"sampler state must be a dict from state_dict(), got {type(state).__name__}"
+        )
     if state.get(_TYPE) != _STATE_TYPE:
         raise ValueError(
             f"not a horovod_iter sampler state (type={state.get(_TYPE)!r}, expected "
@@ -334,11 +336,11 @@ def _validate_state(state: Any) -> dict[str, Any]:
             f"{_STATE_VERSION}); it was written by another horovod_iter version"
         )
     out: dict[str, Any] = {}
-    for key in _INT_KEYS + (_SEED,):
+    for key in (*_INT_KEYS, _SEED):
         v = state.get(key)
         if not _is_int(v):
             raise ValueError(f"invalid sampler state: {key!r} must be an int, got {v!r}")
-        out[key] = int(v)
+        out[key] = int(v)  # type: ignore[arg-type]
     for key in _BOOL_KEYS:
         v = state.get(key)
         if not isinstance(v, bool):
