@@ -135,6 +135,9 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         self.epoch = 0
         self._start = 0  # first not-consumed position of the epoch's order (segment start)
         self._slots = 0  # slots consumed per rank in the current segment
+        # True after loading a state saved at the very end of an epoch: the next iteration
+        # yields the (empty) rest instead of starting the epoch over.
+        self._hold_finished = False
 
     # ---- layout of the current segment -------------------------------------------------
     def _remaining(self) -> int:
@@ -155,10 +158,17 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
     def _consumed_positions(self) -> int:
         return min(self._slots * self.num_replicas, self._total())
 
+    def _finished(self) -> bool:
+        return self._consumed_positions() >= self._total() and self._slots >= self._rank_count()
+
     def _begin(self) -> int:
-        """Start an iteration: the first slot to yield. A finished epoch starts over (torch)."""
-        if self._slots >= self._rank_count() and self._consumed_positions() >= self._total():
-            self._start, self._slots = 0, 0
+        """Start an iteration: the first slot to yield. A finished epoch starts over, as
+        torch's sampler repeats an epoch, unless it was just loaded finished from a state."""
+        if self._finished():
+            if self._hold_finished:
+                self._hold_finished = False
+            else:
+                self._start, self._slots = 0, 0
         return self._slots
 
     def indices(self, start: int, stop: int) -> np.ndarray:
@@ -189,20 +199,20 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         """Number of indices the next ``iter()`` yields (torch's ``num_samples`` when fresh)."""
-        if self._slots >= self._rank_count() and self._consumed_positions() >= self._total():
+        if self._finished() and not self._hold_finished:
             saved = self._start, self._slots
             self._start, self._slots = 0, 0
             try:
                 return self._rank_count()
             finally:
                 self._start, self._slots = saved
-        return self._rank_count() - self._slots
+        return max(0, self._rank_count() - self._slots)
 
     @property
     def num_samples(self) -> int:
         """Samples this rank yields in a full epoch (torch's attribute)."""
-        return len(DistributedSampler(self.n, self.num_replicas, self.rank, self.shuffle,
-                                      self.seed, self.drop_last, pad=self.pad))
+        w = self.num_replicas
+        return max(0, (self.total_size - self.rank + w - 1) // w)
 
     @property
     def total_size(self) -> int:
@@ -220,6 +230,7 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
             self._start, self._slots = 0, 0
+            self._hold_finished = False
 
     def record(self, num_samples: int) -> None:
         """Report that each rank consumed ``num_samples`` more slots of the current iteration.
@@ -300,6 +311,7 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         else:  # elastic: the unconsumed samples form a new segment over this world size
             self._start = s[_START] + min(s[_CONSUMED], rem)
             self._slots = 0
+        self._hold_finished = self._finished() and (s[_CONSUMED] > 0 or s[_START] > 0)
 
     def set_world(self, num_replicas: int, rank: int) -> None:
         """Move to another world size keeping the epoch's progress (Horovod elastic resets)."""

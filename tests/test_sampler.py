@@ -1,0 +1,259 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data.distributed import DistributedSampler as TorchSampler
+
+import horovod_iter as hi
+from harness import launch
+from horovod_iter.permutation import permutation, permute
+
+
+def ours(n, w, **kw):
+    return [hi.DistributedSampler(n, w, r, **kw) for r in range(w)]
+
+
+def torch_lists(n, w, shuffle=False, drop_last=False):
+    return [list(TorchSampler(range(n), w, r, shuffle=shuffle, drop_last=drop_last))
+            for r in range(w)]
+
+
+sizes = st.integers(0, 300)
+worlds = st.integers(1, 9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=sizes, w=worlds, drop_last=st.booleans())
+def test_unshuffled_equals_torch(n, w, drop_last):
+    mine = ours(n, w, shuffle=False, drop_last=drop_last)
+    theirs = torch_lists(n, w, drop_last=drop_last)
+    assert [list(s) for s in mine] == theirs
+    assert [len(s) for s in mine] == [len(t) for t in theirs]
+    assert all(s.num_samples == len(t) for s, t in zip(mine, theirs))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=sizes, w=worlds, drop_last=st.booleans(), seed=st.integers(-2**70, 2**70),
+       epoch=st.integers(0, 10**6))
+def test_shuffled_lengths_and_counts_match_torch(n, w, drop_last, seed, epoch):
+    mine = ours(n, w, seed=seed, drop_last=drop_last)
+    for s in mine:
+        s.set_epoch(epoch)
+    lists = [list(s) for s in mine]
+    theirs = torch_lists(n, w, shuffle=True, drop_last=drop_last)
+    assert [len(x) for x in lists] == [len(t) for t in theirs]
+    assert sorted(Counter(i for x in lists for i in x).values()) == sorted(
+        Counter(i for x in theirs for i in x).values())
+    if drop_last:  # disjoint
+        flat = [i for x in lists for i in x]
+        assert len(flat) == len(set(flat))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=sizes, w=worlds, seed=st.integers(0, 2**63), epoch=st.integers(0, 50),
+       shuffle=st.booleans())
+def test_pad_false_is_an_exact_partition(n, w, seed, epoch, shuffle):
+    mine = ours(n, w, seed=seed, shuffle=shuffle, pad=False)
+    lists = []
+    for s in mine:
+        s.set_epoch(epoch)
+        lists.append(list(s))
+    flat = sorted(i for x in lists for i in x)
+    assert flat == list(range(n))
+    assert max(map(len, lists)) - min(map(len, lists)) <= 1
+    assert [len(s) for s in mine] == [len(x) for x in lists]
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 200), seed=st.integers(0, 2**40), epoch=st.integers(0, 100))
+def test_permutation_is_a_permutation_and_deterministic(n, seed, epoch):
+    p = permutation(n, seed, epoch)
+    assert sorted(p.tolist()) == list(range(n))
+    assert p.tolist() == permutation(n, seed, epoch).tolist()
+    if n:
+        idx = np.array([0, n - 1, n // 2])
+        assert permute(idx, n, seed, epoch).tolist() == p[idx].tolist()
+
+
+def test_epochs_differ_and_do_not_alias_across_seeds():
+    n = 1000
+    base = permutation(n, 5, 3)
+    assert not np.array_equal(base, permutation(n, 5, 4))
+    assert not np.array_equal(base, permutation(n, 6, 3))
+    # Horovod's ElasticSampler seeds with seed + epoch: (s, e+1) == (s-1, e+2) there; not here
+    for s, e in [(5, 3), (0, 1), (10, 0)]:
+        assert not np.array_equal(permutation(n, s, e + 1), permutation(n, s - 1, e + 2))
+
+
+def test_shuffle_positions_are_uniform_over_epochs():
+    """Chi-square: where index i lands, over many epochs, is uniform over the n positions."""
+    n, epochs = 16, 4000
+    where = np.zeros((n, n))
+    for e in range(epochs):
+        p = permutation(n, 123, e)
+        where[p, np.arange(n)] += 1
+    expected = epochs / n
+    chi2 = ((where - expected) ** 2 / expected).sum(axis=1)
+    # 15 degrees of freedom: the 99.99th percentile is ~ 44.3
+    assert chi2.max() < 44.3, chi2
+
+
+def test_shuffle_neighbours_are_decorrelated():
+    for n in (1000, 2**16, 100_003):
+        p = permutation(n, 7, 0).astype(float)
+        corr = np.corrcoef(p[:-1], p[1:])[0, 1]
+        assert abs(corr) < 4 / np.sqrt(n), (n, corr)
+        # rank correlation with the identity is ~0 too: the order is not "mostly sorted"
+        assert abs(np.corrcoef(p, np.arange(n))[0, 1]) < 4 / np.sqrt(n)
+
+
+def test_all_orders_of_a_small_set_are_equally_likely():
+    counts = Counter(tuple(permutation(3, 9, e)) for e in range(6000))
+    assert len(counts) == 6
+    assert all(850 < c < 1150 for c in counts.values()), counts
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), w=worlds, drop_last=st.booleans(), pad=st.booleans(),
+       seed=st.integers(0, 99), epoch=st.integers(0, 5), batch=st.integers(1, 7),
+       data=st.data())
+def test_resume_equals_uninterrupted(n, w, drop_last, pad, seed, epoch, batch, data):
+    full = ours(n, w, seed=seed, drop_last=drop_last, pad=pad)
+    for s in full:
+        s.set_epoch(epoch)
+    expected = [list(s) for s in full]
+    steps = max(len(x) for x in expected) // batch + 1
+    k = data.draw(st.integers(0, steps))
+    savers = ours(n, w, seed=seed, drop_last=drop_last, pad=pad)
+    for s in savers:
+        s.set_epoch(epoch)
+        for _ in range(k):
+            s.record(batch)
+    states = [json.loads(json.dumps(s.state_dict())) for s in savers]
+    assert all(st_ == states[0] for st_ in states), "state must be identical on every rank"
+    resumed = ours(n, w, seed=seed, drop_last=drop_last, pad=pad)
+    for r, s in enumerate(resumed):
+        s.load_state_dict(states[0])
+        s.set_epoch(epoch)  # a resumed trainer calls this too: must keep the progress
+        rest = expected[r][k * batch:]
+        if rest:
+            assert list(s) == rest
+            assert len(s) == len(rest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 300), w=worlds, w2=worlds, pad=st.booleans(), seed=st.integers(0, 99),
+       batch=st.integers(1, 7), data=st.data())
+def test_elastic_resume_exactly_once(n, w, w2, pad, seed, batch, data):
+    before = ours(n, w, seed=seed, pad=pad)
+    lists = [list(s) for s in before]
+    k = data.draw(st.integers(0, max(map(len, lists)) // batch))
+    consumed = [i for x in lists for i in x[: k * batch]]
+    for s in before:
+        s.record(k * batch)
+    state = before[0].state_dict()
+    after = ours(n, w2, seed=seed, pad=pad)
+    rest = []
+    for s in after:
+        s.load_state_dict(state)
+        rest += list(s)
+    if not pad:  # exact partition: every sample exactly once over the whole epoch
+        assert sorted(consumed + rest) == list(range(n))
+    elif w2 != w and k * batch * w <= n:  # resized before the padding: nothing repeated, lost
+        assert set(consumed).isdisjoint(rest)
+        assert sorted(set(consumed) | set(rest)) == list(range(n))
+        assert len(consumed) == len(set(consumed))
+    # the next epoch is a normal one at the new world size
+    for s in after:
+        s.set_epoch(1)
+    nxt = sorted(i for s in after for i in s)
+    assert nxt == sorted(i for s in ours(n, w2, seed=seed, pad=pad) for i in (s.set_epoch(1) or s))
+
+
+def test_set_world_keeps_progress():
+    s = hi.DistributedSampler(100, 4, 0, seed=1, pad=False)
+    s.record(10)
+    s.set_world(2, 1)
+    assert s.num_replicas == 2 and len(s) == 30
+
+
+def test_finished_epoch_iterates_again_like_torch():
+    s = hi.DistributedSampler(10, 2, 0, seed=3)
+    first = list(s)
+    s.record(len(first))
+    assert list(s) == first and len(s) == 5
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"dataset": -1}, ValueError, "length must be >= 0, got -1"),
+    ({"dataset": object()}, TypeError, "sized dataset"),
+    ({"num_replicas": 0}, ValueError, "num_replicas must be an int >= 1, got 0"),
+    ({"rank": 2}, ValueError, r"Invalid rank 2, rank should be in the interval \[0, 1\]"),
+    ({"rank": -1}, ValueError, "Invalid rank -1"),
+    ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ({"seed": "1"}, TypeError, "seed must be an int"),
+    ({"shuffle": "yes"}, TypeError, "shuffle must be a bool"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    args = {"dataset": 10, "num_replicas": 2, "rank": 0, **kwargs}
+    with pytest.raises(exc, match=match):
+        hi.DistributedSampler(**args)
+
+
+def test_bad_epoch_and_record():
+    s = hi.DistributedSampler(10, 1, 0)
+    with pytest.raises(ValueError, match="epoch must be an int >= 0, got -1"):
+        s.set_epoch(-1)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 0"):
+        s.record(-3)
+
+
+def _state(**over):
+    s = hi.DistributedSampler(10, 2, 0, seed=4).state_dict()
+    s.update(over)
+    return s
+
+
+@pytest.mark.parametrize("state, exc, match", [
+    ([1, 2], TypeError, "must be a dict"),
+    ({}, ValueError, "not a horovod_iter sampler state"),
+    (_state(version=99), ValueError, "version 99 is not supported"),
+    (_state(n=11), ValueError, "length 11, but this sampler has length 10"),
+    (_state(seed=5), ValueError, "saved with seed=5, but this sampler has seed=4"),
+    (_state(shuffle=False), ValueError, "saved with shuffle=False"),
+    (_state(epoch="1"), ValueError, "'epoch' must be an int"),
+    (_state(consumed=99), ValueError, "consumed=99 exceeds"),
+    (_state(start=11), ValueError, "start=11 must lie in"),
+    (_state(world_size=0), ValueError, "world_size=0"),
+])
+def test_bad_state_dicts(state, exc, match):
+    s = hi.DistributedSampler(10, 2, 0, seed=4)
+    with pytest.raises(exc, match=match):
+        s.load_state_dict(state)
+
+
+def test_seed_none_adopts_saved_seed():
+    s = hi.DistributedSampler(10, 1, 0, seed=None)
+    s.load_state_dict(_state(seed=77))
+    assert s.seed == 77
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["horovod", "torch"])
+@pytest.mark.parametrize("seed", ["none", "11"])
+def test_ranks_agree_without_communicating(launcher, seed):
+    n, w = 1001, 3
+    res = launch(launcher, w, "sampler_ranks.py", n, seed)
+    assert [v["rank"] for v in res] == list(range(w)) and {v["world"] for v in res} == {w}
+    assert len({v["seed"] for v in res}) == 1  # seed=None: rank 0's draw was broadcast
+    if seed != "none":
+        assert res[0]["seed"] == 11
+    for e in range(3):
+        flat = sorted(i for v in res for i in v["epochs"][e])
+        assert flat == list(range(n))
+    assert res[0]["epochs"][0] != res[0]["epochs"][1]
