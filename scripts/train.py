@@ -60,7 +60,8 @@ def main() -> None:
         counts = backend.allgather_object(seen)
         if backend.rank == 0:
             print(f"epoch {epoch}: backend={backend.name} ranks={backend.size} steps={steps} "
-                  f"samples/rank={counts} total={sum(counts)} mean_loss={total / max(steps, 1):.4f} "
+                  f"samples/rank={counts} total={sum(counts)} "
+                  f"mean_loss={total / max(steps, 1):.4f} "
                   f"time={time.perf_counter() - t0:.2f}s", flush=True)
 
 

@@ -133,7 +133,7 @@ def test_done_when_one_liner(launcher: str) -> None:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=3", "--no-python", sys.executable, "-c", code]
-    res = run(cmd, timeout=90)
+    res = run(cmd, timeout=90, env={"PYTHONUNBUFFERED": ""})  # whole lines, not interleaved
     assert res.returncode == 0, res.stdout
     lines = sorted(ln.split(":")[-1].split() for ln in res.stdout.splitlines()
                    if ln.split(":")[-1].strip().startswith(launcher))

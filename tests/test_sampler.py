@@ -5,12 +5,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from harness import launch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data.distributed import DistributedSampler as TorchSampler
 
 import horovod_iter as hi
-from harness import launch
 from horovod_iter.permutation import permutation, permute
 
 

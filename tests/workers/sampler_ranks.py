@@ -1,8 +1,9 @@
 """Each rank reports its indices for a few epochs, with no communication in between."""
 import sys
 
-import horovod_iter as hi
 from harness import report
+
+import horovod_iter as hi
 
 n, seed_arg = int(sys.argv[1]), sys.argv[2]
 seed = None if seed_arg == "none" else int(seed_arg)
