@@ -143,9 +143,10 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
     def _remaining(self) -> int:
         return self.n - self._start
 
-    def _total(self) -> int:
-        """Schedule positions in the current segment, over all ranks."""
-        r, w = self._remaining(), self.num_replicas
+    def _total(self, remaining: int | None = None) -> int:
+        """Schedule positions in the current segment (or one of ``remaining`` samples)."""
+        r = self._remaining() if remaining is None else remaining
+        w = self.num_replicas
         if self.drop_last:
             return (r // w) * w
         return math.ceil(r / w) * w if self.pad else r
@@ -199,14 +200,15 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         """Number of indices the next ``iter()`` yields (torch's ``num_samples`` when fresh)."""
+        return self.rank_lengths()[self.rank]
+
+    def rank_lengths(self) -> list[int]:
+        """Number of indices the next ``iter()`` yields on each rank (computed locally)."""
+        start, slots = self._start, self._slots
         if self._finished() and not self._hold_finished:
-            saved = self._start, self._slots
-            self._start, self._slots = 0, 0
-            try:
-                return self._rank_count()
-            finally:
-                self._start, self._slots = saved
-        return max(0, self._rank_count() - self._slots)
+            start, slots = 0, 0
+        total, w = self._total(self.n - start), self.num_replicas
+        return [max(0, (total - r + w - 1) // w - slots) for r in range(w)]
 
     @property
     def num_samples(self) -> int:
