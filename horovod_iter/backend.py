@@ -194,7 +194,13 @@ class _HorovodHandle(AsyncHandle):
             hvd = self._backend._hvd
             if timeout is not None and not _poll_until(lambda: hvd.poll(self._handle), timeout):
                 raise _timeout_error(self._backend, what, timeout)
-            self._result = hvd.synchronize(self._handle)
+            try:
+                self._result = hvd.synchronize(self._handle)
+            except Exception as e:  # HorovodInternalError: a rank died or raised
+                raise DataTimeoutError(
+                    f"rank {self._backend.rank} of {self._backend.size} (horovod backend): "
+                    f"{what} failed, most likely because another rank died or raised: {e}"
+                ) from e
         return self._result
 
 

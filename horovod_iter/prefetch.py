@@ -106,6 +106,7 @@ class CudaPrefetcher:
         self._source: Iterator[Any] | None = None
         self._queue: collections.deque[tuple[Any, Any]] = collections.deque()
         self._exhausted = False
+        self._error: Exception | None = None
         self._stream: Any = None
         #: seconds the consumer spent waiting in ``__next__`` (pulling and copying batches)
         self.wait_s = 0.0
@@ -118,6 +119,7 @@ class CudaPrefetcher:
         self.close()
         self._source = iter(self.iterable)
         self._exhausted = False
+        self._error = None
         if self.device.type == "cuda" and self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         return self
@@ -129,6 +131,11 @@ class CudaPrefetcher:
         try:
             host = next(self._source)
         except StopIteration:
+            self._exhausted = True
+            return False
+        except Exception as e:
+            # raised while looking ahead: deliver it after the batches before it, at its step
+            self._error = e
             self._exhausted = True
             return False
         if self.device.type != "cuda":
@@ -153,6 +160,9 @@ class CudaPrefetcher:
             pass
         if not self._queue:
             self.wait_s += time.perf_counter() - t0
+            error, self._error = self._error, None
+            if error is not None:
+                raise error
             raise StopIteration
         batch, event = self._queue.popleft()
         if event is not None:

@@ -1,0 +1,303 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from harness import launch
+from torch.utils.data import IterableDataset, TensorDataset
+
+import horovod_iter as hi
+
+pytestmark = pytest.mark.timeout(600)
+LAUNCHERS = ["horovod", "torch"]
+
+
+def run(launcher, nproc, **cfg):
+    res = launch(launcher, nproc, "loader_run.py", json.dumps(cfg), timeout=120)
+    return res
+
+
+def flat(batches):
+    return [i for b in batches for i in b]
+
+
+# ---- uneven iterables -----------------------------------------------------------------
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_stop_gives_equal_step_counts(launcher):
+    lengths = [7, 12, 4]  # batch 2: 4, 6, 2 batches
+    res = run(launcher, 3, data="iter", lengths=lengths, batch_size=2, uneven="stop")
+    assert [r["error"] for r in res] == [None] * 3
+    assert [len(r["batches"]) for r in res] == [2, 2, 2]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("mode", ["next", "get_next", "optional"])
+def test_pad_rank_without_any_data_errors_clearly(launcher, mode):
+    lengths = [7, 12, 0]
+    res = launch(launcher, 3, "loader_run.py", json.dumps(dict(
+        data="iter", lengths=lengths, batch_size=2, uneven="pad", mode=mode, timeout=5)),
+        timeout=120, expect_fail=None)
+    # rank 2 has no data at all: it cannot learn the batch structure from an iterable; the
+    # others do not hang: they fail within the timeout (or when rank 2's exit breaks the link)
+    assert "had no data at all" in res[2]["error"]
+    for r in res[:2]:
+        assert r is None or r["error"] is not None
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("mode", ["next", "get_next", "optional"])
+def test_pad_iterable_exact(launcher, mode):
+    lengths = [7, 12, 1]
+    res = run(launcher, 3, data="iter", lengths=lengths, batch_size=2, uneven="pad",
+              mode=mode, prefetch=3)
+    assert [r["error"] for r in res] == [None] * 3
+    assert [len(r["batches"]) for r in res] == [6, 6, 6]  # everyone steps until all are done
+    seen = sorted(i for r in res for i in flat(r["batches"]))
+    assert seen == list(range(sum(lengths)))
+    assert res[2]["batches"][1:] == [[]] * 5  # empty batches: same structure, zero rows
+    assert res[2]["stats"]["padded_steps"] == 5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_error_raises_on_every_rank(launcher):
+    res = run(launcher, 2, data="iter", lengths=[6, 9], batch_size=3, uneven="error")
+    for r in res:
+        assert r["error"] is not None and r["error"].startswith("UnevenDataError")
+        assert "at step 2 only 1 of 2 ranks" in r["error"]
+        assert len(r["batches"]) == 2
+
+
+# ---- map-style ------------------------------------------------------------------------
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_pad_is_exact(launcher, workers):
+    res = run(launcher, 3, n=23, batch_size=4, uneven="pad", workers=workers)
+    assert [r["error"] for r in res] == [None] * 3
+    steps = {len(r["batches"]) for r in res}
+    assert steps == {2}  # ranks get 8, 8, 7 samples: 2 steps each
+    assert sorted(i for r in res for i in flat(r["batches"])) == list(range(23))
+    assert {r["len"] for r in res} == {2}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_map_stop_pads_like_torch_and_covers(launcher):
+    res = run(launcher, 3, n=23, global_batch_size=6, uneven="stop")
+    assert [len(r["batches"]) for r in res] == [4, 4, 4]  # ceil(23/3)=8 per rank, batch 2
+    seen = Counter(i for r in res for i in flat(r["batches"]))
+    assert set(seen) == set(range(23)) and sum(seen.values()) == 24
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("prefetch, workers", [(0, 0), (3, 0), (2, 2)])
+def test_mid_epoch_resume_equals_uninterrupted(launcher, prefetch, workers, tmp_path):
+    common = dict(n=50, batch_size=3, seed=5, epoch=2, prefetch=prefetch, workers=workers)
+    full = run(launcher, 2, **common)
+    state = str(tmp_path / "state")
+    run(launcher, 2, **common, stop_after=4, state_out=state)
+    assert json.loads(Path(state + ".0").read_text()) == json.loads(Path(state + ".1").read_text())
+    resumed = run(launcher, 2, **common, state_in=state + ".0")
+    for f, r in zip(full, resumed):
+        assert r["batches"] == f["batches"][4:]
+        assert r["len"] == len(f["batches"]) - 4
+
+
+@pytest.mark.distributed
+def test_resume_across_backends_and_world_sizes(tmp_path):
+    """Saved under horovodrun on 2 ranks mid-epoch, loaded under torchrun on 3: exactly once."""
+    state = str(tmp_path / "state")
+    common = dict(n=61, seed=9, uneven="pad", epoch=1)
+    before = run("horovod", 2, **common, global_batch_size=4, stop_after=5, state_out=state)
+    consumed = [i for r in before for i in flat(r["batches"])]
+    assert len(consumed) == 20
+    after = run("torch", 3, **common, global_batch_size=6, state_in=state + ".0")
+    rest = [i for r in after for i in flat(r["batches"])]
+    assert sorted(consumed + rest) == list(range(61))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_mismatched_configuration_refused_on_every_rank(launcher):
+    res = run(launcher, 2, n=40, batch_size=4, batch_size_by_rank={"1": 5})
+    for r in res:
+        assert r["error"] is not None and r["error"].startswith("ConfigMismatchError")
+        assert "batch_size: rank 0=4, rank 1=5" in r["error"]
+        assert r["batches"] == []
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_stalled_rank_makes_the_others_raise_within_timeout(launcher):
+    res = run(launcher, 3, n=60, batch_size=2, timeout=2, stall=[1, 3, 8])
+    for r in (res[0], res[2]):
+        assert r["error"] is not None and r["error"].startswith("DataTimeoutError"), r["error"]
+        # rank 1 stalls before asking for step 3 but has looked ahead (prefetch 2 + 1): the
+        # others get at most to step 6 and raise there, naming it
+        assert 3 <= len(r["batches"]) <= 6
+        assert f"flags of step {len(r['batches'])}" in r["error"]
+        assert "waited more than 2.0 s" in r["error"]
+
+
+# ---- in-process -----------------------------------------------------------------------
+def tds(n=10):
+    return TensorDataset(torch.arange(n).float(), torch.arange(n))
+
+
+def test_local_iteration_len_and_epochs():
+    loader = hi.DistributedLoader(tds(10), batch_size=4, shuffle=False)
+    assert len(loader) == 3
+    assert [b[1].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # a finished epoch iterated again (no set_epoch) repeats, as torch's DataLoader does
+    assert [b[1].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    loader = hi.DistributedLoader(tds(10), batch_size=4, drop_last=True, seed=1)
+    loader.set_epoch(0)
+    e0 = [b[1].tolist() for b in loader]
+    loader.set_epoch(1)
+    e1 = [b[1].tolist() for b in loader]
+    assert len(e0) == len(e1) == 2 and e0 != e1
+
+
+def test_state_saved_at_epoch_end_resumes_to_nothing():
+    loader = hi.DistributedLoader(tds(10), batch_size=4)
+    list(loader)
+    state = loader.state_dict()
+    again = hi.DistributedLoader(tds(10), batch_size=4)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert len(again) == 0 and list(again) == []
+    again.set_epoch(1)
+    assert len(list(again)) == 3
+
+
+def test_close_break_and_context_manager_release_threads():
+    import threading
+
+    before = threading.active_count()
+    loader = hi.DistributedLoader(tds(1000), batch_size=4, prefetch=3)
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    with iter(loader) as it:
+        next(it)
+    it2 = iter(loader)
+    next(it2)
+    del it2
+    import gc
+
+    gc.collect()
+    assert threading.active_count() == before
+
+
+def test_get_next_and_optional_at_end():
+    it = iter(hi.DistributedLoader(tds(3), batch_size=2, shuffle=False))
+    assert it.get_next()[1].tolist() == [0, 1]
+    assert it.get_next_as_optional()[1].tolist() == [2]
+    assert it.get_next_as_optional() is None
+    with pytest.raises(hi.OutOfRangeError):
+        it.get_next()
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(range(7))
+
+
+def test_iterable_dataset_resume_replays():
+    loader = hi.DistributedLoader(Stream(), batch_size=2)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    it.close()
+    again = hi.DistributedLoader(Stream(), batch_size=2)
+    again.load_state_dict(state)
+    assert [b.tolist() for b in again] == [[4, 5], [6]]
+    with pytest.raises(TypeError, match="IterableDataset is unknown"):
+        len(again)
+
+
+def test_shard_by_rank_and_worker():
+    assert list(hi.shard(range(10), rank=1, num_replicas=3)) == [1, 4, 7]
+    with pytest.raises(ValueError, match="rank=3"):
+        list(hi.shard(range(3), rank=3, num_replicas=2))
+
+
+def test_nested_structures_pass_through():
+    from collections import namedtuple
+    from dataclasses import dataclass
+
+    P = namedtuple("P", "a b")
+
+    @dataclass
+    class D:
+        t: torch.Tensor
+        name: str
+
+    items = [{"p": P(torch.tensor([i]), [torch.tensor(i)]), "d": D(torch.tensor(i), "x"),
+              "s": f"s{i}"} for i in range(4)]
+
+    def collate(samples):
+        return {"p": P(torch.cat([s["p"].a for s in samples]), [torch.stack(
+            [s["p"].b[0] for s in samples])]),
+                "d": D(torch.stack([s["d"].t for s in samples]), "x"),
+                "s": [s["s"] for s in samples]}
+
+    batch = next(iter(hi.DistributedLoader(items, batch_size=4, shuffle=False,
+                                           collate_fn=collate)))
+    assert isinstance(batch["p"], P) and batch["p"].a.tolist() == [0, 1, 2, 3]
+    assert isinstance(batch["d"], D) and batch["d"].name == "x" and batch["s"][3] == "s3"
+
+
+def test_dataset_error_names_index_and_rank():
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            if i == 5:
+                raise KeyError("corrupt record")
+            return torch.tensor(i)
+
+    with pytest.raises(RuntimeError, match=r"rank 0: dataset\[5\] raised KeyError"):
+        list(hi.DistributedLoader(Bad(), batch_size=2, shuffle=False))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({}, ValueError, "exactly one of batch_size"),
+    ({"batch_size": 2, "global_batch_size": 4}, ValueError, "exactly one of batch_size"),
+    ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
+    ({"batch_size": 2, "uneven": "drop"}, ValueError, "uneven must be one of"),
+    ({"batch_size": 2, "prefetch": -1}, ValueError, "prefetch must be an int >= 0"),
+    ({"batch_size": 2, "num_workers": -2}, ValueError, "num_workers must be an int >= 0"),
+    ({"batch_size": 2, "timeout": 0}, ValueError, "timeout must be a positive number"),
+    ({"batch_size": 2, "uneven": "pad", "drop_last": True}, ValueError, "choose one"),
+    ({"batch_size": 2, "device": "cuda:0"}, ValueError, "CUDA is not available"),
+])
+def test_bad_loader_arguments(kwargs, exc, match):
+    if "device" in kwargs and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(exc, match=match):
+        loader = hi.DistributedLoader(tds(), **kwargs)
+        iter(loader)
+
+
+def test_bad_loader_states():
+    loader = hi.DistributedLoader(tds(), batch_size=2)
+    with pytest.raises(TypeError):
+        loader.load_state_dict("x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a horovod_iter loader state"):
+        loader.load_state_dict({"type": "other"})
+    good = loader.state_dict()
+    with pytest.raises(ValueError, match="version 7"):
+        loader.load_state_dict({**good, "version": 7})
+    with pytest.raises(ValueError, match="'steps' must be an int"):
+        loader.load_state_dict({**good, "steps": -1})
+    with pytest.raises(ValueError, match="length 11"):
+        loader.load_state_dict({**good, "sampler": {**good["sampler"], "n": 11}})
