@@ -29,8 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendError",
-    "CudaPrefetcher",
     "ConfigMismatchError",
+    "CudaPrefetcher",
     "DataTimeoutError",
     "DistributedIterator",
     "DistributedLoader",

@@ -28,7 +28,7 @@ from torch.utils.data._utils.collate import default_collate, default_collate_fn_
 
 from .backend import get_backend
 
-__all__ = ["shard", "BatchFetcher", "SampleError", "ThreadedIterator", "pinned_collate"]
+__all__ = ["BatchFetcher", "SampleError", "ThreadedIterator", "pinned_collate", "shard"]
 
 
 def shard(iterable: Iterable[Any], rank: int | None = None,

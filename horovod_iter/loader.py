@@ -24,14 +24,15 @@ from .prefetch import CudaPrefetcher, _resolve_device, tree_map
 from .sampler import DistributedSampler, _is_int
 from .sync import UNEVEN, EndOfDataSync, check_same_config
 
-__all__ = ["DistributedLoader", "DistributedIterator"]
+__all__ = ["DistributedIterator", "DistributedLoader"]
 
 log = logging.getLogger("horovod_iter")
 
 _STATE_TYPE = "horovod_iter.DistributedLoader"
 _STATE_VERSION = 1
 _TYPE, _VERSION, _EPOCH, _STEPS, _WORLD = "type", "version", "epoch", "steps", "world_size"
-_BATCH, _GLOBAL_BATCH, _FINISHED, _SAMPLER = "batch_size", "global_batch_size", "finished", "sampler"
+_BATCH, _GLOBAL_BATCH = "batch_size", "global_batch_size"
+_FINISHED, _SAMPLER = "finished", "sampler"
 _loader_ids = itertools.count()
 
 
@@ -218,8 +219,8 @@ class DistributedLoader:
             counts = [_steps_for(c, self.batch_size, self.drop_last) for c in lengths]
             return min(counts) if self.uneven == "stop" else max(counts)
         if self.sampler is not None:
-            return max(0, _steps_for(len(self.sampler), self.batch_size, self.drop_last)
-                       - self._skip)  # type: ignore[arg-type]
+            n = len(self.sampler)  # type: ignore[arg-type]
+            return max(0, _steps_for(n, self.batch_size, self.drop_last) - self._skip)
         raise TypeError("len() of a DistributedLoader over an IterableDataset is unknown; "
                         "give the dataset a map-style form to know the number of steps")
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["CudaPrefetcher", "tree_map", "batch_nbytes"]
+__all__ = ["CudaPrefetcher", "batch_nbytes", "tree_map"]
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:

@@ -31,7 +31,7 @@ import torch
 from .backend import AsyncHandle, Backend
 from .errors import ConfigMismatchError, DataTimeoutError, UnevenDataError
 
-__all__ = ["EndOfDataSync", "UNEVEN", "empty_like_batch", "check_same_config"]
+__all__ = ["UNEVEN", "EndOfDataSync", "check_same_config", "empty_like_batch"]
 
 log = logging.getLogger("horovod_iter")
 

@@ -11,10 +11,10 @@ import sys
 import time
 
 import torch
+from harness import report
 from torch.utils.data import Dataset, IterableDataset
 
 import horovod_iter as hi
-from harness import report
 
 cfg = json.loads(sys.argv[1])
 b = hi.init()
