@@ -248,7 +248,7 @@ class HorovodBackend(Backend):
         # Horovod matches ops across ranks by name: callers that issue ops in a rank-dependent
         # order must pass their own names; the counter is fine for ops issued in program order.
         name = name or f"horovod_iter.allreduce.{next(self._names)}"
-        handle = self._hvd.allreduce_async(tensor.clone(), name=name, op=self._ops[op])
+        handle = self._hvd.allreduce_async_(tensor.clone(), name=name, op=self._ops[op])
         return _HorovodHandle(self, handle)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:

@@ -34,6 +34,7 @@ _TYPE, _VERSION, _EPOCH, _STEPS, _WORLD = "type", "version", "epoch", "steps", "
 _BATCH, _GLOBAL_BATCH = "batch_size", "global_batch_size"
 _FINISHED, _SAMPLER = "finished", "sampler"
 _loader_ids = itertools.count()
+_CHUNK = 8  # steps per end-of-data allreduce when every rank's batch count is known
 
 
 class _IndexBatches(Sampler[list[int]]):
@@ -344,6 +345,7 @@ class DistributedIterator:
         self._samples = 0
         self._host: Any = None
         self._fetcher: BatchFetcher | None = None
+        self._num_batches: int | None = None
         backend = loader.backend
         name = f"horovod_iter.{loader._id}.{loader._serial}"
         loader._serial += 1
@@ -356,8 +358,12 @@ class DistributedIterator:
             ds = loader.dataset
             empty = lambda: BatchFetcher(ds, loader.collate_fn, False, backend.rank)(  # noqa: E731
                 np.zeros(1, dtype=np.int64))
+        # map-style with our sampler: this rank's batch count is known, so the flags of
+        # _CHUNK steps go in one allreduce issued two chunks ahead; else one flag per step
+        known = {"num_batches": self._num_batches, "chunk": _CHUNK, "lookahead": 2 * _CHUNK} \
+            if self._num_batches is not None else {"lookahead": 2}
         self._sync = EndOfDataSync(self._host, backend, loader.uneven, loader.timeout,
-                                   name=name, empty=empty)
+                                   name=name, empty=empty, **known)
         self._prefetcher = CudaPrefetcher(self._sync, self._device, loader.prefetch,
                                           pin_memory=pin)
         iter(self._prefetcher)
@@ -379,6 +385,7 @@ class DistributedIterator:
                 ld._steps = 0
             ld._finished = False
             batches = _IndexBatches(copy.copy(ours), start, ld.batch_size, ld.drop_last)
+            self._num_batches = len(batches)
             if ld.num_workers == 0:
                 fetcher = BatchFetcher(ld.dataset, ld.collate_fn, pin, rank)
                 self._fetcher = fetcher

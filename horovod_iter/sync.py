@@ -9,14 +9,22 @@ different steps, which ``uneven`` resolves:
   done - every sample is seen exactly once;
 * ``"error"``: every rank raises :class:`UnevenDataError`.
 
-Look-ahead: the flag of step ``i + 1`` is allreduced asynchronously while the consumer works on
-step ``i``: when batch ``i`` is handed out, batch ``i + 1`` has already been pulled and its
-allreduce issued, so the wait at the next step normally finds it complete. Each rank issues
-exactly one allreduce per step it hands out plus the one looked ahead, so ranks that consume the
-same number of steps issue the same collectives - nothing is left half-issued.
+Two ways to send the flags, both asynchronous so the wait normally finds them complete:
+
+* **known length** (map-style data with our sampler): this rank's batch count is known, so the
+  flag of step ``i`` is just ``i < num_batches``. The flags of ``chunk`` steps travel in one
+  allreduce, issued ``lookahead`` steps ahead of the step handed out: one collective per
+  ``chunk`` steps, and no batch is pulled early for it.
+* **unknown length** (iterable data, user samplers): the flag of step ``i + 1`` needs batch
+  ``i + 1``, so it is pulled and its allreduce issued while the consumer works on step ``i``
+  (``lookahead`` batches held).
+
+Either way every rank issues the same named collectives in the same order for the steps they
+hand out, and ``close()`` waits for those in flight - nothing is left half-issued.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -91,6 +99,13 @@ def check_same_config(backend: Backend, config: Mapping[str, Any], timeout: floa
     )
 
 
+class _Failed:
+    """The source raised while looking ahead; delivered when its step comes."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 class EndOfDataSync:
     """Iterate ``source`` in lockstep with the other ranks (see the module docstring).
 
@@ -104,75 +119,134 @@ class EndOfDataSync:
             Horovod ops).
         empty: makes the empty batch for ``pad`` when this rank never had a batch to copy the
             structure from; without it such a rank raises.
+        num_batches: this rank's batch count when it is known up front (map-style data). The
+            flags are then a function of the step: no batch is pulled early, and the flags of
+            ``chunk`` steps travel in one allreduce.
+        chunk: steps per allreduce (needs ``num_batches`` when > 1).
+        lookahead: steps whose flags are in flight ahead of the step being handed out (>= 1).
+            Without ``num_batches`` it holds that many batches.
     """
 
     def __init__(self, source: Iterator[Any], backend: Backend, uneven: str = "stop",
                  timeout: float | None = 300.0, name: str = "horovod_iter.eod",
-                 empty: Callable[[], Any] | None = None) -> None:
+                 empty: Callable[[], Any] | None = None, num_batches: int | None = None,
+                 chunk: int = 1, lookahead: int = 2) -> None:
         if uneven not in UNEVEN:
             raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
+        if not isinstance(lookahead, int) or lookahead < 1:
+            raise ValueError(f"lookahead must be an int >= 1, got {lookahead!r}")
+        if not isinstance(chunk, int) or chunk < 1 or (chunk > 1 and num_batches is None):
+            raise ValueError(f"chunk must be 1, or an int >= 1 with num_batches; got {chunk!r}")
         self._source: Iterator[Any] | None = source
         self.backend = backend
         self.uneven = uneven
         self.timeout = timeout
         self.name = name
+        self.num_batches = num_batches
+        self.chunk = chunk
+        self.lookahead = lookahead
         self._empty = empty
         self._template: Any = None
-        self._step = 0
-        self._has = False
-        self._batch: Any = None
-        self._handle: AsyncHandle | None = None
+        self._step = 0      # the next step to hand out
+        self._issued = 0    # flags of steps < _issued are allreduced (or in flight)
+        self._chunks: collections.deque[tuple[int, AsyncHandle]] = collections.deque()
+        self._totals: dict[int, int] = {}    # step -> ranks with data, for waited chunks
+        # pulled ahead (unknown length): (has batch, batch) or _Failed, steps _step.._issued-1
+        self._pulled: collections.deque[tuple[bool, Any] | _Failed] = collections.deque()
+        self._failed = False
         self._done = False
-        self._started = False
         #: seconds spent waiting for the end-of-data allreduce
         self.wait_s = 0.0
         #: steps at which this rank yielded an empty (padding) batch
         self.padded_steps = 0
 
-    def _look_ahead(self) -> None:
-        """Pull this rank's batch for ``self._step`` and start its allreduce."""
-        self._has, self._batch = False, None
+    # -- this rank's data -----------------------------------------------------------------
+    def _pull(self) -> tuple[bool, Any]:
+        """This rank's next batch, (False, None) at its end."""
         if self._source is not None:
             try:
-                self._batch = next(self._source)
-                self._has = True
+                batch = next(self._source)
                 if self._template is None:
-                    self._template = self._batch
+                    self._template = batch
+                return True, batch
             except StopIteration:
                 self._source = None
-        flag = torch.tensor([1 if self._has else 0], dtype=torch.int32)
-        self._handle = self.backend.allreduce_async(flag, "sum", name=f"{self.name}.{self._step}")
+        return False, None
 
+    def _issue(self) -> None:
+        """Start the allreduce of the flags of the next ``chunk`` steps."""
+        first = self._issued
+        if self.num_batches is not None:
+            flags = [1 if first + k < self.num_batches else 0 for k in range(self.chunk)]
+        else:
+            try:
+                entry = self._pull()
+            except Exception as e:  # no flag for this step: the others will time out
+                self._failed = True
+                self._pulled.append(_Failed(e))
+                return
+            self._pulled.append(entry)
+            flags = [1 if entry[0] else 0]
+        handle = self.backend.allreduce_async(torch.tensor(flags, dtype=torch.int32), "sum",
+                                              name=f"{self.name}.{first}")
+        self._chunks.append((first, handle))
+        self._issued = first + len(flags)
+
+    def _fill(self) -> None:
+        while self._issued < self._step + 1 + self.lookahead and not self._failed:
+            self._issue()
+
+    def _total(self, step: int, has: bool) -> int:
+        """Ranks with data at ``step``, waiting for its chunk if needed."""
+        while step not in self._totals:
+            first, handle = self._chunks.popleft()
+            t0 = time.perf_counter()
+            try:
+                sums = handle.wait(
+                    self.timeout, what=f"the other ranks' end-of-data flags of step {step} "
+                    f"(this rank {'has' if has else 'has no'} batch)")
+            except DataTimeoutError:
+                self._finish()
+                self._chunks.clear()  # the ranks are out of step: nothing more to wait for
+                raise
+            finally:
+                self.wait_s += time.perf_counter() - t0
+            self._totals.update((first + k, int(v)) for k, v in enumerate(sums.tolist()))
+        return self._totals.pop(step)
+
+    # -- iteration ------------------------------------------------------------------------
     def __iter__(self) -> EndOfDataSync:
         return self
 
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
-        if not self._started:
-            self._started = True
-            self._look_ahead()
-        assert self._handle is not None
-        t0 = time.perf_counter()
-        try:
-            total = int(self._handle.wait(
-                self.timeout, what=f"the other ranks' end-of-data flags of step {self._step} "
-                f"(this rank {'has' if self._has else 'has no'} batch)")[0])
-        except DataTimeoutError:
-            self._handle = None
-            self._done = True
-            raise
-        finally:
-            self.wait_s += time.perf_counter() - t0
-        self._handle = None
-        size, step = self.backend.size, self._step
+        self._fill()
+        step, size = self._step, self.backend.size
+        if self.num_batches is None:
+            entry = self._pulled.popleft()
+            if isinstance(entry, _Failed):
+                self._finish()
+                raise entry.error
+            has, batch = entry
+        else:
+            has, batch = step < self.num_batches, None
+        total = self._total(step, has)
+        if has and self.num_batches is not None:
+            has, batch = self._pull()
+            if not has:
+                self._finish()
+                raise RuntimeError(
+                    f"rank {self.backend.rank}: expected {self.num_batches} batches but the "
+                    f"source ended after {step}; the dataset's length changed during the epoch?"
+                )
         if total == size:
-            out = self._batch
+            out = batch
         elif total == 0:
             self._finish()
             raise StopIteration
         elif self.uneven == "stop":
-            if self._has:
+            if has:
                 log.debug("rank %d: stopping at step %d; %d of %d ranks have data",
                           self.backend.rank, step, total, size)
             self._finish()
@@ -182,16 +256,16 @@ class EndOfDataSync:
             raise UnevenDataError(
                 f"rank {self.backend.rank}: ranks ran out of data at different steps: at step "
                 f"{step} only {total} of {size} ranks have a batch (this rank "
-                f"{'has one' if self._has else 'has none'}). Use uneven='stop' to stop at the "
+                f"{'has one' if has else 'has none'}). Use uneven='stop' to stop at the "
                 "shortest rank, uneven='pad' to pad with empty batches, or shard the data evenly."
             )
-        elif self._has:
-            out = self._batch
+        elif has:
+            out = batch
         else:
             out = self._empty_batch(step)
             self.padded_steps += 1
         self._step += 1
-        self._look_ahead()
+        self._fill()  # the next flags travel while the consumer works on this batch
         return out
 
     def _empty_batch(self, step: int) -> Any:
@@ -210,14 +284,18 @@ class EndOfDataSync:
     def _finish(self) -> None:
         self._done = True
         self._source = None
-        self._batch = None
+        self._pulled.clear()
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop; wait (briefly) for the allreduce in flight so no collective is abandoned."""
-        handle, self._handle = self._handle, None
+        """Stop; wait (briefly) for the allreduces in flight so no collective is abandoned.
+
+        Every rank that stopped at the same step issued the same flags, so they complete.
+        """
         self._finish()
-        if handle is not None:
+        chunks, self._chunks = self._chunks, collections.deque()
+        for _, handle in chunks:
             try:
-                handle.wait(timeout, what="the end-of-data allreduce in flight at close()")
+                handle.wait(timeout, what="an end-of-data allreduce in flight at close()")
             except Exception as e:  # the other ranks stopped at another step
                 log.warning("rank %d: %s", self.backend.rank, e)
+                break

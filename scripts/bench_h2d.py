@@ -53,11 +53,10 @@ def main() -> None:
     for w in a.workers:
         dl = DataLoader(ds, batch_size=a.batch_size, shuffle=True, pin_memory=True,
                         num_workers=w, persistent_workers=w > 0)
-        rate(epochs(lambda e: dl))  # warm-up
-        r = rate(epochs(lambda e: dl))
+        rate(epochs(lambda e, dl=dl: dl))  # warm-up
+        r = rate(epochs(lambda e, dl=dl: dl))
         best = max(best, r)
         print(f"torch DataLoader(pin_memory=True, num_workers={w}): {r:7.2f} GB/s", flush=True)
-        del dl
     loader = hi.DistributedLoader(ds, batch_size=a.batch_size, device=dev, prefetch=2)
 
     def ours(e):
@@ -75,7 +74,8 @@ def main() -> None:
     for _ in range(n):
         buf.to(dev, non_blocking=True)
     torch.cuda.synchronize()
-    print(f"pinned copy alone (limit): {n * buf.numel() / (time.perf_counter() - t0) / 1e9:7.2f} GB/s")
+    limit = n * buf.numel() / (time.perf_counter() - t0) / 1e9
+    print(f"pinned copy alone (limit): {limit:7.2f} GB/s")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Cost of the end-of-data check per step, vs a blocking allreduce per step, in one run.
 
-Each rank runs a loop of synthetic 1 ms steps (a busy wait, like a GPU step the host waits on)
-over in-memory batches three ways: bare (no check at all), horovod_iter's EndOfDataSync (one
-asynchronous allreduce per step, looked ahead one step), and the naive check a user would write
-(a blocking allreduce of a has-data flag before every step). It prints the per-step overhead
-over bare as a fraction of the step.
+Each rank runs a loop of synthetic 1 ms steps over in-memory batches: bare (no check at all),
+horovod_iter's EndOfDataSync as the loader uses it - for an IterableDataset one asynchronous
+allreduce per step issued 2 steps ahead, for map-style data (batch count known) one allreduce
+per 8 steps issued 16 steps ahead - and the naive check a user would write (a blocking
+allreduce of a has-data flag before every step). It prints the per-step overhead over bare as
+a fraction of the step.
+The step is a sleep by default (a host waiting for its GPU step mostly sleeps); --spin busy-waits
+instead, which oversubscribes a machine with fewer cores than ranks.
 
     python scripts/bench_sync.py                   # launches 2, 3, 4 ranks under both launchers
     python scripts/bench_sync.py --ranks 2 --launchers torch
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +32,7 @@ def spin(seconds: float) -> None:
         pass
 
 
-def worker(steps: int, step_s: float, repeats: int) -> None:
+def worker(steps: int, step_s: float, repeats: int, busy: bool) -> None:
     import torch
 
     import horovod_iter as hi
@@ -37,13 +41,21 @@ def worker(steps: int, step_s: float, repeats: int) -> None:
     b = hi.init()
     batches = [torch.zeros(4) for _ in range(steps)]
 
-    def bare() -> None:
-        for _ in batches:
-            spin(step_s)
+    work = spin if busy else time.sleep
 
-    def ours(tag: str) -> None:
-        for _ in EndOfDataSync(iter(batches), b, "stop", timeout=60, name=f"bench.{tag}"):
-            spin(step_s)
+    def bare(tag: str) -> None:
+        for _ in batches:
+            work(step_s)
+
+    def ours_iterable(tag: str) -> None:
+        for _ in EndOfDataSync(iter(batches), b, "stop", timeout=60, name=f"bench.{tag}",
+                               lookahead=2):
+            work(step_s)
+
+    def ours_map(tag: str) -> None:
+        for _ in EndOfDataSync(iter(batches), b, "stop", timeout=60, name=f"bench.{tag}",
+                               num_batches=steps, chunk=8, lookahead=16):
+            work(step_s)
 
     def blocking(tag: str) -> None:
         it = iter(batches)
@@ -52,19 +64,16 @@ def worker(steps: int, step_s: float, repeats: int) -> None:
             if int(b.allreduce(has, "sum", name=f"bench.{tag}.{i}")[0]) < b.size:
                 break
             next(it)
-            spin(step_s)
+            work(step_s)
 
-    results: dict[str, list[float]] = {"bare": [], "ours": [], "blocking": []}
+    runs: dict[str, Any] = {"bare": bare, "blocking": blocking, "iterable": ours_iterable,
+                            "map": ours_map}
+    results: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(repeats):  # interleaved, best of `repeats`
-        for name in results:
+        for name, fn in runs.items():
             b.barrier()
             t0 = time.perf_counter()
-            if name == "bare":
-                bare()
-            elif name == "ours":
-                ours(str(r))
-            else:
-                blocking(str(r))
+            fn(f"{name}.{r}")
             b.barrier()
             results[name].append((time.perf_counter() - t0) / steps)
     if b.rank == 0:
@@ -79,18 +88,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--step-ms", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--spin", action="store_true", help="busy-wait steps instead of sleeping")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        worker(a.steps, a.step_ms / 1e3, a.repeats)
+        worker(a.steps, a.step_ms / 1e3, a.repeats, a.spin)
         return
     bindir = Path(sys.executable).parent
     me = [str(Path(__file__).resolve()), "--worker", "--steps", str(a.steps),
-          "--step-ms", str(a.step_ms), "--repeats", str(a.repeats)]
-    print(f"{a.steps} steps of {a.step_ms} ms (busy wait), best of {a.repeats}; "
-          f"{os.cpu_count()} cores")
-    print(f"{'launcher':>9} {'ranks':>5} {'bare us':>8} {'ours +us':>9} {'ours %':>7} "
-          f"{'blocking +us':>13} {'blocking %':>10} {'blocking/ours':>13}")
+          "--step-ms", str(a.step_ms), "--repeats", str(a.repeats)] + (
+              ["--spin"] if a.spin else [])
+    print(f"{a.steps} steps of {a.step_ms} ms ({'busy wait' if a.spin else 'sleep'}), best of "
+          f"{a.repeats}; {os.cpu_count()} cores; overhead per step over bare, % of the step")
+    print(f"{'launcher':>9} {'ranks':>5} {'bare us':>8} {'map-style %':>11} "
+          f"{'iterable %':>10} {'blocking %':>10} {'blocking/map':>12} {'blocking/iter':>13}")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for launcher in a.launchers:
         for n in a.ranks:
@@ -107,10 +118,10 @@ def main() -> None:
                 continue
             r = json.loads(line.split("RESULT ", 1)[1])
             step = a.step_ms / 1e3
-            ours, blocking = r["ours"] - r["bare"], r["blocking"] - r["bare"]
-            print(f"{launcher:>9} {n:>5} {r['bare'] * 1e6:8.1f} {ours * 1e6:9.1f} "
-                  f"{100 * ours / step:7.2f} {blocking * 1e6:13.1f} {100 * blocking / step:10.2f} "
-                  f"{blocking / max(ours, 1e-7):13.1f}", flush=True)
+            m, it, bl = (r[k] - r["bare"] for k in ("map", "iterable", "blocking"))
+            print(f"{launcher:>9} {n:>5} {r['bare'] * 1e6:8.1f} {100 * m / step:11.2f} "
+                  f"{100 * it / step:10.2f} {100 * bl / step:10.2f} "
+                  f"{bl / max(m, 1e-6):12.1f} {bl / max(it, 1e-6):13.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ class D:
 
 
 def nested(i: int):
-    return {"p": P(torch.full((2, 3), i), [torch.tensor([i]), "label"]), "d": D(torch.tensor(i), "x"),
-            "n": i}
+    return {"p": P(torch.full((2, 3), i), [torch.tensor([i]), "label"]),
+            "d": D(torch.tensor(i), "x"), "n": i}
 
 
 def test_tree_map_keeps_structure_and_leaves():
