@@ -197,11 +197,31 @@ class _HorovodHandle(AsyncHandle):
             try:
                 self._result = hvd.synchronize(self._handle)
             except Exception as e:  # HorovodInternalError: a rank died or raised
-                raise DataTimeoutError(
+                raise _rank_failure_type(e)(
                     f"rank {self._backend.rank} of {self._backend.size} (horovod backend): "
                     f"{what} failed, most likely because another rank died or raised: {e}"
                 ) from e
         return self._result
+
+
+_RANK_FAILURE: type[DataTimeoutError] | None = None
+
+
+def _rank_failure_type(e: Exception) -> type[DataTimeoutError]:
+    """DataTimeoutError, and also Horovod's HorovodInternalError when ``e`` is one - so that
+    ``hvd.elastic.run`` sees a failed collective of ours as the rank failure it is and resets."""
+    global _RANK_FAILURE
+    try:
+        from horovod.common.exceptions import HorovodInternalError
+    except ImportError:  # pragma: no cover
+        return DataTimeoutError
+    if not isinstance(e, HorovodInternalError):
+        return DataTimeoutError
+    if _RANK_FAILURE is None:
+        _RANK_FAILURE = type("RankFailureError", (DataTimeoutError, HorovodInternalError),
+                             {"__module__": __name__,
+                              "__doc__": "A collective failed because a rank died."})
+    return _RANK_FAILURE
 
 
 class HorovodBackend(Backend):
@@ -225,6 +245,9 @@ class HorovodBackend(Backend):
             hvd.init()
         self._ops = {"sum": hvd.Sum, "min": hvd.Min, "max": hvd.Max}
         self._names = itertools.count()
+        from .elastic import register
+
+        register()  # hvd.elastic.TorchState(loader=...) knows our loader and sampler
 
     @property
     def rank(self) -> int:

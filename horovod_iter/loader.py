@@ -21,6 +21,7 @@ from .backend import Backend, get_backend
 from .errors import OutOfRangeError
 from .fetch import BatchFetcher, ThreadedIterator
 from .prefetch import CudaPrefetcher, _resolve_device, tree_map
+from .progress import Progress, format_stats
 from .sampler import DistributedSampler, _is_int
 from .sync import UNEVEN, EndOfDataSync, check_same_config
 
@@ -107,6 +108,10 @@ class DistributedLoader:
         timeout: seconds a rank waits for the others at a step before raising
             :class:`DataTimeoutError` naming the step (``None``: no limit).
         backend: a :class:`Backend`, or a backend name for :func:`horovod_iter.init`.
+        progress: show a progress bar on rank 0 (tqdm if installed, else INFO log lines under
+            the ``horovod_iter`` logger) and log the epoch's :meth:`stats` at its end.
+        log_stats: log every rank's :meth:`stats` at DEBUG (INFO on rank 0 with ``progress``)
+            at the end of each iteration.
 
     Example:
         >>> loader = DistributedLoader(dataset, batch_size=64, device="cuda")
@@ -125,7 +130,8 @@ class DistributedLoader:
                  pin_memory: bool | None = None, device: Any = None, prefetch: int = 2,
                  uneven: str = "stop", timeout: float | None = 300.0,
                  worker_init_fn: Callable[[int], None] | None = None,
-                 backend: Backend | str | None = None) -> None:
+                 backend: Backend | str | None = None, progress: bool = False,
+                 log_stats: bool = True) -> None:
         from .backend import init
 
         self.backend = backend if isinstance(backend, Backend) else (
@@ -144,6 +150,7 @@ class DistributedLoader:
                 )
             self.batch_size = g // world
             self._global = True
+            self._global_size = g
         else:
             self.batch_size = _positive_int("batch_size", batch_size)
             self._global = False
@@ -157,8 +164,10 @@ class DistributedLoader:
                 timeout, (int, float)) or not timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, "
                              f"got {timeout!r}")
-        if not isinstance(drop_last, bool):
-            raise TypeError(f"drop_last must be a bool, got {drop_last!r}")
+        for flag, value in (("drop_last", drop_last), ("progress", progress),
+                            ("log_stats", log_stats), ("shuffle", shuffle)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
         if uneven == "pad" and drop_last:
             raise ValueError("uneven='pad' counts every sample exactly once and drop_last=True "
                              "drops samples; choose one")
@@ -182,6 +191,8 @@ class DistributedLoader:
         self.prefetch = int(prefetch)
         self.uneven = uneven
         self.timeout = None if timeout is None else float(timeout)
+        self.progress = progress
+        self.log_stats = log_stats
         self._device_arg = device
         self._pin_arg = pin_memory
         self.epoch = 0
@@ -214,6 +225,7 @@ class DistributedLoader:
 
     def __len__(self) -> int:
         """Steps every rank takes in the next iteration (the rest of the epoch if resumed)."""
+        self._follow_world()
         s = self._ours()
         if s is not None:
             lengths = s.rank_lengths()
@@ -251,7 +263,22 @@ class DistributedLoader:
         }
 
     # -- iteration --------------------------------------------------------------------
+    def _follow_world(self) -> None:
+        """The backend's world changed under us (a Horovod elastic reset that skipped the
+        state sync, e.g. ranks only removed): every surviving rank holds the same committed
+        position, so each lays the rest of the epoch out over the new world by itself."""
+        s = self._ours()
+        b = self.backend
+        if s is None or (s.num_replicas, s.rank) == (b.size, b.rank):
+            return
+        log.info("rank %d: world changed from %d to %d ranks; re-partitioning the rest of "
+                 "epoch %d", b.rank, s.num_replicas, b.size, self.epoch)
+        state = self.state_dict(follow=False)
+        self._rebind_world(b.size, b.rank)
+        self.load_state_dict(state)
+
     def __iter__(self) -> DistributedIterator:
+        self._follow_world()
         previous = self._active() if self._active is not None else None
         if previous is not None:
             previous.close()
@@ -268,6 +295,28 @@ class DistributedLoader:
     def _ended(self) -> None:
         self._finished = True
 
+    def _abandon_active(self) -> None:
+        """Close the iteration in flight without waiting for its collectives (they belong to
+        a Horovod world that is gone: elastic reset)."""
+        active = self._active() if self._active is not None else None
+        if active is not None:
+            active._sync.abandon()
+            active.close()
+        self._active = None
+
+    def _rebind_world(self, size: int, rank: int) -> None:
+        """Adopt a new world (elastic reset); call :meth:`load_state_dict` next."""
+        if self._global:
+            if self._global_size % size:
+                raise ValueError(
+                    f"global_batch_size={self._global_size} is not divisible by the new world "
+                    f"size {size}; set --min-np/--max-np (or the host slots) so it divides, or "
+                    "use batch_size (per rank)")
+            self.batch_size = self._global_size // size
+        s = self._ours()
+        if s is not None:
+            s.num_replicas, s.rank = int(size), int(rank)
+
     def stats(self) -> dict[str, Any]:
         """Figures of the current (or last) iteration: steps, samples, seconds the trainer
         waited for data and for the end-of-data check, host->device bytes."""
@@ -275,14 +324,17 @@ class DistributedLoader:
         return active.stats() if active is not None else dict(self._last_stats)
 
     # -- state ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, follow: bool = True) -> dict[str, Any]:
         """The position as of the last batch handed to the trainer (prefetched batches are
         not consumed); JSON-serialisable."""
+        if follow:
+            self._follow_world()
         s = self._ours()
+        world = s.num_replicas if s is not None else self.backend.size
         return {
             _TYPE: _STATE_TYPE, _VERSION: _STATE_VERSION, _EPOCH: self.epoch,
-            _STEPS: self._steps, _WORLD: self.backend.size, _BATCH: self.batch_size,
-            _GLOBAL_BATCH: self.global_batch_size if self._global else None,
+            _STEPS: self._steps, _WORLD: world, _BATCH: self.batch_size,
+            _GLOBAL_BATCH: self.batch_size * world if self._global else None,
             _FINISHED: self._finished,
             _SAMPLER: None if s is None else s.state_dict(),
         }
@@ -367,6 +419,12 @@ class DistributedIterator:
         self._prefetcher = CudaPrefetcher(self._sync, self._device, loader.prefetch,
                                           pin_memory=pin)
         iter(self._prefetcher)
+        try:
+            total: int | None = len(loader)
+        except TypeError:
+            total = None
+        self._progress = Progress(total, f"horovod_iter epoch {loader.epoch}",
+                                  loader.progress and backend.rank == 0)
 
     def _host_batches(self, pin: bool) -> Iterator[Any]:
         """This rank's host batches, fetched off the trainer's thread."""
@@ -425,6 +483,7 @@ class DistributedIterator:
             raise
         self._loader._handed()
         self._steps += 1
+        self._progress.update()
         self._samples += _rows(batch, self._loader.batch_size)
         return batch
 
@@ -463,7 +522,11 @@ class DistributedIterator:
             return
         self._closed = True
         try:
-            self._loader._last_stats = self.stats()
+            stats = self._loader._last_stats = self.stats()
+            self._progress.close(stats)
+            if self._loader.log_stats:
+                log.debug("rank %d, epoch %d: %s", self._loader.backend.rank,
+                          self._loader.epoch, format_stats(stats))
             self._prefetcher.close()  # closes the sync too (waits for its allreduce)
         finally:
             host, self._host = self._host, None

@@ -286,6 +286,11 @@ class EndOfDataSync:
         self._source = None
         self._pulled.clear()
 
+    def abandon(self) -> None:
+        """Stop and forget the allreduces in flight without waiting (their world is gone)."""
+        self._finish()
+        self._chunks.clear()
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop; wait (briefly) for the allreduces in flight so no collective is abandoned.
 

@@ -44,6 +44,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None,
                    help="exit after this many training steps (simulates a crash)")
     p.add_argument("--stats", action="store_true", help="print the loader's per-epoch stats")
+    p.add_argument("--progress", action="store_true",
+                   help="progress bar on rank 0 (tqdm, else log lines) and per-epoch stats logs")
     p.add_argument("--json", default=None, help="write a per-rank JSON summary here (tests)")
     return p.parse_args()
 
@@ -72,7 +74,7 @@ def main() -> None:
     sizes = ({"global_batch_size": args.global_batch_size} if args.global_batch_size
              else {"batch_size": args.batch_size})
     loader = hi.DistributedLoader(train, **sizes, seed=args.seed, num_workers=args.workers,
-                                  prefetch=args.prefetch, device=device)
+                                  prefetch=args.prefetch, device=device, progress=args.progress)
     start_epoch = 0
     if args.resume:
         if not args.checkpoint or not os.path.exists(args.checkpoint):

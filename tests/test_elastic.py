@@ -1,0 +1,83 @@
+"""Horovod elastic mode on localhost: ranks removed and added mid-epoch, exactly-once data.
+
+As Horovod's own integration tests do, "localhost" and "127.0.0.1" are two hosts of this
+machine; a host discovery script prints a file that the test rewrites as training progresses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from harness import ROOT
+
+pytest.importorskip("horovod.torch")
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
+
+SAMPLES, EPOCHS = 480, 3
+
+
+def _progress(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _committed(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(log_dir.glob("*.jsonl"))
+            for line in f.read_text().splitlines() if line.strip()]
+
+
+def test_worker_removed_mid_epoch_and_added_later_every_sample_once_per_epoch():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        hosts, logs, progress = tmp_path / "hosts", tmp_path / "logs", tmp_path / "progress"
+        logs.mkdir()
+        hosts.write_text("localhost:2\n127.0.0.1:1\n")
+        discover = tmp_path / "discover.sh"
+        discover.write_text(f"#!/bin/bash\ncat {hosts}\n")
+        discover.chmod(0o755)
+        horovodrun = Path(sys.executable).parent / "horovodrun"
+        cmd = [str(horovodrun), "-np", "3", "--min-np", "2", "--max-np", "3",
+               "--host-discovery-script", str(discover), "--gloo",
+               sys.executable, str(ROOT / "scripts/train_elastic.py"),
+               "--epochs", str(EPOCHS), "--samples", str(SAMPLES), "--batch-size", "4",
+               "--commit-every", "2", "--step-sleep", "0.1",
+               "--log-dir", str(logs), "--progress-file", str(progress)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        phase, deadline, removed_at = 0, time.monotonic() + 300, None
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                p = _progress(progress)
+                if p and phase == 0 and p["size"] == 3 and p["epoch"] == 0 and p["steps"] >= 6:
+                    hosts.write_text("localhost:2\n")  # 127.0.0.1's worker leaves mid-epoch
+                    phase, removed_at = 1, p
+                elif p and phase == 1 and p["size"] == 2 and p["steps"] >= 6:
+                    hosts.write_text("localhost:2\n127.0.0.1:1\n")  # and a worker joins
+                    phase = 2
+                time.sleep(0.05)
+            out, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                out = proc.communicate()[0]
+        assert proc.returncode == 0, out[-8000:]
+        assert phase == 2, f"training ended before the host changes (phase {phase})\n{out[-4000:]}"
+        records = _committed(logs)
+    sizes = [r["size"] for r in records if r["rank"] == 0]
+    assert 3 in sizes and 2 in sizes and sizes.index(2) < len(sizes) - 1 - sizes[::-1].index(3), \
+        f"expected world sizes 3 -> 2 -> 3, got {sizes}"
+    assert removed_at is not None and removed_at["epoch"] == 0
+    for epoch in range(EPOCHS):
+        ids = Counter(i for r in records if r["epoch"] == epoch for i in r["ids"])
+        assert sorted(ids) == list(range(SAMPLES)), f"epoch {epoch}: samples lost"
+        assert max(ids.values()) == 1, f"epoch {epoch}: repeated {[i for i, c in ids.items() if c > 1][:10]}"
