@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -73,6 +73,31 @@ def pinned_collate(batch: list[Any]) -> Any:
     return _collate(batch, collate_fn_map=_PINNED_MAP)
 
 
+def _structure(x: Any) -> Any:
+    """A comparable description of a sample: containers, types, tensor shapes and dtypes."""
+    if isinstance(x, torch.Tensor):
+        return ("Tensor", tuple(x.shape), str(x.dtype))
+    if isinstance(x, np.ndarray):
+        return ("ndarray", x.shape, str(x.dtype))
+    if isinstance(x, Mapping):
+        return ("dict", tuple(sorted((str(k), _structure(v)) for k, v in x.items())))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_structure(v) for v in x))
+    return type(x).__name__
+
+
+def _first_odd_sample(samples: Sequence[Any]) -> tuple[int, Any, Any] | None:
+    """(position, first sample's structure, its structure) of the first sample that differs."""
+    if not samples:
+        return None
+    want = _structure(samples[0])
+    for k, s in enumerate(samples[1:], 1):
+        got = _structure(s)
+        if got != want:
+            return k, want, got
+    return None
+
+
 class SampleError(RuntimeError):
     """Reading or collating samples failed; the message names the rank and the indices."""
 
@@ -124,7 +149,19 @@ class BatchFetcher:
                 except Exception as e:
                     raise SampleError(f"rank {self.rank}: dataset[{i}] raised "
                                       f"{type(e).__name__}: {e}") from e
-        return self.collate(samples)
+        try:
+            return self.collate(samples)
+        except Exception as e:
+            odd = _first_odd_sample(samples)
+            if odd is None:
+                raise
+            k, want, got = odd
+            raise SampleError(
+                f"rank {self.rank}: dataset[{int(indices[k])}] does not have the structure of "
+                f"dataset[{int(indices[0])}] in the same batch ({got} vs {want}), so the batch "
+                f"cannot be collated ({type(e).__name__}: {e}). Make every sample the same "
+                "structure and shape, or pass a collate_fn that handles them"
+            ) from e
 
     def _gather(self, t: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
         idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .backend import Backend, get_backend
 from .errors import OutOfRangeError
-from .fetch import BatchFetcher, ThreadedIterator
+from .fetch import BatchFetcher, SampleError, ThreadedIterator
 from .prefetch import CudaPrefetcher, _resolve_device, tree_map
 from .progress import Progress, format_stats
 from .sampler import DistributedSampler, _is_int
@@ -59,6 +59,68 @@ class _IndexBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return _steps_for(self.view._rank_count() - self.start, self.batch_size, self.drop_last)
+
+
+class _ArrayBatches(Sampler[np.ndarray]):
+    """The index arrays of an :class:`_IndexBatches`, as keys for :class:`_FetchedBatches`."""
+
+    def __init__(self, batches: _IndexBatches) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.batches.arrays()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _FetchedBatches(torch.utils.data.Dataset[Any]):
+    """Whole batches fetched inside DataLoader workers by a :class:`BatchFetcher` (so the
+    worker path also gathers tensors in bulk and names the rank and index on errors)."""
+
+    def __init__(self, fetcher: BatchFetcher) -> None:
+        self.fetcher = fetcher
+
+    def __getitem__(self, indices: np.ndarray) -> Any:
+        try:
+            return self.fetcher(indices)
+        except SampleError as e:  # sent back as a value: DataLoader would bury the message
+            return _WorkerFailure(str(e))
+
+
+class _WorkerFailure:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _WorkerBatches:
+    """Iterate a DataLoader over :class:`_FetchedBatches`, raising a worker's SampleError
+    in this process with its own message; ``close()`` stops the workers."""
+
+    def __init__(self, dl: DataLoader[Any]) -> None:
+        self._it: Any = iter(dl)
+
+    def __iter__(self) -> _WorkerBatches:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            raise StopIteration
+        batch = next(self._it)
+        if isinstance(batch, _WorkerFailure):
+            self.close()
+            raise SampleError(batch.message + " (in a DataLoader worker)")
+        return batch
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+
+
+def _whole_batch(batch: Any) -> Any:
+    return batch
 
 
 def _steps_for(count: int, batch_size: int, drop_last: bool) -> int:
@@ -173,6 +235,15 @@ class DistributedLoader:
                              "drops samples; choose one")
         self.dataset = dataset
         self.is_iterable = isinstance(dataset, IterableDataset)
+        if not self.is_iterable:
+            if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+                raise TypeError(
+                    f"dataset must be a map-style dataset (with __getitem__ and __len__) or a "
+                    f"torch IterableDataset, got {type(dataset).__name__}")
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"rank {self.backend.rank}: the dataset is empty (len 0), so there is "
+                    "nothing to iterate; check the path or the split it was built from")
         if self.is_iterable:
             if sampler is not None:
                 raise ValueError("sampler is for map-style datasets; an IterableDataset decides "
@@ -449,10 +520,12 @@ class DistributedIterator:
                 self._fetcher = fetcher
                 return ThreadedIterator(lambda: map(fetcher, batches.arrays()),
                                         depth=max(1, ld.prefetch), on_close=fetcher.close)
-            dl = DataLoader(ld.dataset, batch_sampler=batches, num_workers=ld.num_workers,
-                            collate_fn=ld.collate_fn, pin_memory=pin,
+            in_worker = BatchFetcher(ld.dataset, ld.collate_fn, False, rank, threads=1)
+            dl = DataLoader(_FetchedBatches(in_worker), batch_size=None,
+                            sampler=_ArrayBatches(batches), num_workers=ld.num_workers,
+                            collate_fn=_whole_batch, pin_memory=pin,
                             worker_init_fn=ld.worker_init_fn)
-            return iter(dl)
+            return _WorkerBatches(dl)
         dl = DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=ld.sampler,
                         num_workers=ld.num_workers, collate_fn=ld.collate_fn, pin_memory=pin,
                         drop_last=ld.drop_last, worker_init_fn=ld.worker_init_fn)
