@@ -54,7 +54,8 @@ class Progress:
             self._bar.update(1)
             return
         now = time.perf_counter()
-        if self._n % self._every == 0 or now - self._last >= self._interval:
+        if (self._n % self._every == 0 or self._n == self.total
+                or now - self._last >= self._interval):
             self._last = now
             of = f"/{self.total}" if self.total else ""
             log.info("%s: step %d%s", self.desc, self._n, of)

@@ -3,10 +3,13 @@
 Config keys: data ("map" or "iter"), n (map), lengths (iter: per-rank sample counts), batch_size,
 global_batch_size, uneven, prefetch, workers, shuffle, seed, epoch, stop_after (steps, then
 save state to state_out), state_in (load before iterating), stall (rank, step, seconds),
-timeout, batch_size_by_rank (override per rank), mode ("next", "get_next", "optional").
+timeout, batch_size_by_rank (override per rank), mode ("next", "get_next", "optional"),
+kill (rank, step: that rank SIGKILLs itself there; the others ignore the launcher's SIGTERM so
+that they show their own error), epochs (iterate this many epochs, reporting all batches).
 """
 import json
 import os
+import signal
 import sys
 import time
 
@@ -19,6 +22,9 @@ import horovod_iter as hi
 cfg = json.loads(sys.argv[1])
 b = hi.init()
 rank = b.rank
+kill = cfg.get("kill")
+if kill and kill[0] != rank:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Ids(Dataset):
@@ -71,6 +77,8 @@ try:
     while True:
         if stall and stall[0] == rank and stall[1] == step:
             time.sleep(stall[2])
+        if kill and kill[0] == rank and kill[1] == step:
+            os.kill(os.getpid(), signal.SIGKILL)
         if cfg.get("stop_after") is not None and step == cfg["stop_after"]:
             with open(cfg["state_out"] + f".{rank}", "w") as f:
                 json.dump(loader.state_dict(), f)
@@ -98,6 +106,8 @@ try:
     out["stats"] = loader.stats()
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
+    out["timeout_error"] = isinstance(e, hi.DataTimeoutError)
+out["t_end"] = time.time()
 report(out)
 sys.stdout.flush()
 os._exit(0)  # after a failure collectives may be pending: leave without shutdown handshakes
