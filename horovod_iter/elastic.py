@@ -27,7 +27,7 @@ log = logging.getLogger("horovod_iter")
 def _state_handler_base() -> type:
     from horovod.torch.elastic.state import StateHandler
 
-    return StateHandler  # type: ignore[no-any-return]
+    return StateHandler
 
 
 def _make_handlers() -> tuple[type, type]:

@@ -6,7 +6,8 @@ must stay flat. Runs under horovodrun, torchrun or python.
     bash scripts/run_torchrun.sh --nproc 2 scripts/soak.py --epochs 200 --workers 2
 
 Ends with one line per rank: ``SOAK {json}`` with the first/last figures and the max growth
-after the warm-up epochs (what tests/test_soak.py checks).
+after the warm-up epochs; ``--report DIR`` also writes it to DIR/rank<r>.json (what
+tests/test_soak.py checks).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3, help="epochs before the baseline")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report", default=None, help="directory for rank<r>.json reports")
     a = ap.parse_args()
     b = hi.init()
     cuda = torch.cuda.is_available()
@@ -69,7 +71,7 @@ def main() -> None:
         for k, loader in enumerate(loaders):
             loader.set_epoch(epoch)
             it = iter(loader)
-            for step, batch in enumerate(it):
+            for step, _ in enumerate(it):
                 if k == 0 and epoch % 3 == 2 and step == 5:
                     break  # abandon some epochs mid-way: close() must release everything
         f = figures(device)
@@ -80,9 +82,12 @@ def main() -> None:
                   flush=True)
     base = rows[min(a.warmup, len(rows) - 1)]
     growth = {k: max(r[k] for r in rows[a.warmup:]) - base[k] for k in base}
-    print("SOAK " + json.dumps({"rank": b.rank, "pid": os.getpid(), "epochs": a.epochs,
-                                "first": rows[0], "baseline": base, "last": rows[-1],
-                                "growth": growth}), flush=True)
+    report = json.dumps({"rank": b.rank, "pid": os.getpid(), "epochs": a.epochs,
+                         "first": rows[0], "baseline": base, "last": rows[-1], "growth": growth})
+    print("SOAK " + report, flush=True)
+    if a.report:
+        with open(os.path.join(a.report, f"rank{b.rank}.json"), "w") as f:
+            f.write(report)
 
 
 if __name__ == "__main__":

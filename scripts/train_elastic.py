@@ -77,7 +77,7 @@ def main() -> None:
     @hvd.elastic.run
     def train(state: hvd.elastic.TorchState) -> None:
         pending: list[int] = []  # trained on since the last commit; lost if we roll back
-        for state.epoch in range(state.epoch, args.epochs):
+        for state.epoch in range(state.epoch, args.epochs):  # noqa: B020 - Horovod's idiom
             state.loader.set_epoch(state.epoch)
             for xb, yb, ids in state.loader:
                 opt.zero_grad()

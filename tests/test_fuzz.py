@@ -56,7 +56,7 @@ def test_bad_constructor_values_are_named(kwargs, exc, match):
 
 
 def test_bad_datasets_are_named():
-    with pytest.raises(TypeError, match="map-style dataset .* or a torch IterableDataset"):
+    with pytest.raises(TypeError, match=r"map-style dataset .* or a torch IterableDataset"):
         hi.DistributedLoader(object(), batch_size=2)
     with pytest.raises(ValueError, match="rank 0: the dataset is empty"):
         hi.DistributedLoader(tds(0), batch_size=2)

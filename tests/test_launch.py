@@ -62,45 +62,38 @@ def test_two_torchrun_nodes_on_one_machine_cover_the_data_disjointly():
                     os.killpg(p.pid, 9)
         assert [p.returncode for p in nodes] == [0, 0], "\n".join(outputs)[-6000:]
         res = _results(out, 4)
-    assert [r["size"] for r in res] == [4] * 4
+    assert [(r["size"], r["local_size"]) for r in res] == [(4, 2)] * 4
     assert all(r["error"] is None for r in res)
     _check_exact_cover(res, 101)
 
 
-def _run(cmd: list[str], out: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=ROOT, env=_env(out), capture_output=True, text=True,
-                          timeout=240)
+def _wrapper(script: str, args: list[str], nproc: int) -> list[dict]:
+    """Run ``scripts/<script> *args loader_run.py CFG``; return each rank's report."""
+    with tempfile.TemporaryDirectory() as out:
+        p = subprocess.run(["bash", str(ROOT / "scripts" / script), *args,
+                            str(WORKERS / "loader_run.py"), CFG],
+                           cwd=ROOT, env=_env(out), capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        return _results(out, nproc)
 
 
 def test_run_horovod_script_single_node():
-    with tempfile.TemporaryDirectory() as out:
-        p = _run(["bash", str(ROOT / "scripts/run_horovod.sh"), "-np", "2",
-                  str(WORKERS / "loader_run.py"), CFG], out)
-        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-        res = _results(out, 2)
-    assert [r["backend"] for r in res] == ["horovod"] * 2
+    res = _wrapper("run_horovod.sh", ["-np", "2"], 2)
+    assert [(r["backend"], r["size"], r["local_size"]) for r in res] == [("horovod", 2, 2)] * 2
     _check_exact_cover(res, 101)
 
 
 def test_run_horovod_script_two_hosts_without_ssh():
-    """horovodrun with two host names that both resolve to this machine (localhost and
-    127.0.0.1) starts both 'hosts' locally, no ssh: cross_size is 2, local_size 1."""
-    with tempfile.TemporaryDirectory() as out:
-        p = _run(["bash", str(ROOT / "scripts/run_horovod.sh"), "-np", "2", "-H",
-                  "localhost:1,127.0.0.1:1", str(WORKERS / "loader_run.py"), CFG], out)
-        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-        res = _results(out, 2)
-    assert [r["size"] for r in res] == [2, 2]
+    """horovodrun runs hosts named localhost and 127.0.0.1 locally, no ssh: a real two-host
+    job on one machine (one rank per host: local_size 1)."""
+    res = _wrapper("run_horovod.sh", ["-np", "2", "-H", "localhost:1,127.0.0.1:1"], 2)
+    assert [(r["backend"], r["size"], r["local_size"]) for r in res] == [("horovod", 2, 1)] * 2
     _check_exact_cover(res, 101)
 
 
 def test_run_torchrun_script_single_node():
-    with tempfile.TemporaryDirectory() as out:
-        p = _run(["bash", str(ROOT / "scripts/run_torchrun.sh"), "--nproc", "3",
-                  str(WORKERS / "loader_run.py"), CFG], out)
-        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-        res = _results(out, 3)
-    assert [r["backend"] for r in res] == ["torch"] * 3
+    res = _wrapper("run_torchrun.sh", ["--nproc", "3"], 3)
+    assert [(r["backend"], r["size"]) for r in res] == [("torch", 3)] * 3
     _check_exact_cover(res, 101)
 
 

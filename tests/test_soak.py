@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from harness import ROOT, command, run
@@ -11,13 +13,14 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 @pytest.mark.parametrize("launcher", ["torch", "local"])
 def test_resources_flat_over_many_epochs(launcher):
-    argv = [str(ROOT / "scripts/soak.py"), "--epochs", "24", "--samples", "512",
-            "--workers", "2", "--quiet"]
-    res = run(command(launcher, 2 if launcher != "local" else 1, argv), timeout=500)
-    assert res.returncode == 0, res.stdout[-4000:]
-    reports = [json.loads(line.split("SOAK ", 1)[1]) for line in res.stdout.splitlines()
-               if "SOAK " in line]
-    assert len(reports) == (2 if launcher != "local" else 1), res.stdout[-2000:]
+    nproc = 2 if launcher != "local" else 1
+    with tempfile.TemporaryDirectory() as out:
+        argv = [str(ROOT / "scripts/soak.py"), "--epochs", "24", "--samples", "512",
+                "--workers", "2", "--quiet", "--report", out]
+        res = run(command(launcher, nproc, argv), timeout=500)
+        assert res.returncode == 0, res.stdout[-4000:]
+        reports = [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
+    assert len(reports) == nproc, res.stdout[-2000:]
     for r in reports:
         g = r["growth"]
         # after the warm-up epochs nothing accumulates: threads, fds and worker processes

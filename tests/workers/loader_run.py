@@ -61,7 +61,8 @@ else:
     kwargs["batch_size"] = bs
 if cfg.get("data", "map") == "map":
     kwargs.update(shuffle=cfg.get("shuffle", True), seed=cfg.get("seed", 0))
-out = {"rank": rank, "size": b.size, "backend": b.name, "batches": [], "error": None}
+out = {"rank": rank, "size": b.size, "local_size": b.local_size, "backend": b.name,
+       "batches": [], "error": None}
 try:
     loader = hi.DistributedLoader(ds, **kwargs)
     if cfg.get("state_in"):
