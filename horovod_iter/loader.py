@@ -228,7 +228,7 @@ class DistributedLoader:
                              f"got {timeout!r}")
         for flag, value in (("drop_last", drop_last), ("progress", progress),
                             ("log_stats", log_stats), ("shuffle", shuffle)):
-            if not isinstance(value, bool):
+            if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{flag} must be a bool, got {value!r}")
         if uneven == "pad" and drop_last:
             raise ValueError("uneven='pad' counts every sample exactly once and drop_last=True "
@@ -255,15 +255,15 @@ class DistributedLoader:
                                               pad=uneven != "pad")
         else:
             self.sampler = sampler
-        self.drop_last = drop_last
+        self.drop_last = bool(drop_last)
         self.num_workers = int(num_workers)
         self.collate_fn = collate_fn
         self.worker_init_fn = worker_init_fn
         self.prefetch = int(prefetch)
         self.uneven = uneven
         self.timeout = None if timeout is None else float(timeout)
-        self.progress = progress
-        self.log_stats = log_stats
+        self.progress = bool(progress)
+        self.log_stats = bool(log_stats)
         self._device_arg = device
         self._pin_arg = pin_memory
         self.epoch = 0

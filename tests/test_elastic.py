@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,50 +34,78 @@ def _committed(log_dir: Path) -> list[dict]:
             for line in f.read_text().splitlines() if line.strip()]
 
 
-def test_worker_removed_mid_epoch_and_added_later_every_sample_once_per_epoch():
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        hosts, logs, progress = tmp_path / "hosts", tmp_path / "logs", tmp_path / "progress"
-        logs.mkdir()
-        hosts.write_text("localhost:2\n127.0.0.1:1\n")
-        discover = tmp_path / "discover.sh"
-        discover.write_text(f"#!/bin/bash\ncat {hosts}\n")
-        discover.chmod(0o755)
-        horovodrun = Path(sys.executable).parent / "horovodrun"
-        cmd = [str(horovodrun), "-np", "3", "--min-np", "2", "--max-np", "3",
-               "--host-discovery-script", str(discover), "--gloo",
-               sys.executable, str(ROOT / "scripts/train_elastic.py"),
-               "--epochs", str(EPOCHS), "--samples", str(SAMPLES), "--batch-size", "4",
-               "--commit-every", "2", "--step-sleep", "0.1",
-               "--log-dir", str(logs), "--progress-file", str(progress)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        phase, deadline, removed_at = 0, time.monotonic() + 300, None
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                p = _progress(progress)
-                if p and phase == 0 and p["size"] == 3 and p["epoch"] == 0 and p["steps"] >= 6:
-                    hosts.write_text("localhost:2\n")  # 127.0.0.1's worker leaves mid-epoch
-                    phase, removed_at = 1, p
-                elif p and phase == 1 and p["size"] == 2 and p["steps"] >= 6:
-                    hosts.write_text("localhost:2\n127.0.0.1:1\n")  # and a worker joins
-                    phase = 2
-                time.sleep(0.05)
-            out, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                out = proc.communicate()[0]
-        assert proc.returncode == 0, out[-8000:]
-        assert phase == 2, f"training ended before the host changes (phase {phase})\n{out[-4000:]}"
-        records = _committed(logs)
-    sizes = [r["size"] for r in records if r["rank"] == 0]
-    assert 3 in sizes and 2 in sizes and sizes.index(2) < len(sizes) - 1 - sizes[::-1].index(3), \
-        f"expected world sizes 3 -> 2 -> 3, got {sizes}"
-    assert removed_at is not None and removed_at["epoch"] == 0
+def _run_elastic(tmp_path: Path, hosts_text: str, extra: list[str], on_progress=None,
+                 timeout: float = 300) -> tuple[list[dict], str]:
+    """Run scripts/train_elastic.py under horovodrun elastic; ``on_progress(progress, hosts)``
+    may rewrite the hosts file as training goes. Returns the committed records and output."""
+    hosts, logs, progress = tmp_path / "hosts", tmp_path / "logs", tmp_path / "progress"
+    logs.mkdir()
+    hosts.write_text(hosts_text)
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/bash\ncat {hosts}\n")
+    discover.chmod(0o755)
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    cmd = [str(horovodrun), "-np", "3", "--min-np", "2", "--max-np", "3",
+           "--host-discovery-script", str(discover), "--gloo",
+           sys.executable, str(ROOT / "scripts/train_elastic.py"),
+           "--epochs", str(EPOCHS), "--samples", str(SAMPLES), "--batch-size", "4",
+           "--commit-every", "2", "--step-sleep", "0.1",
+           "--log-dir", str(logs), "--progress-file", str(progress), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            p = _progress(progress)
+            if p and on_progress:
+                on_progress(p, hosts)
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            out = proc.communicate()[0]
+    assert proc.returncode == 0, out[-8000:]
+    return _committed(logs), out
+
+
+def _assert_exactly_once(records: list[dict]) -> None:
     for epoch in range(EPOCHS):
         ids = Counter(i for r in records if r["epoch"] == epoch for i in r["ids"])
         assert sorted(ids) == list(range(SAMPLES)), f"epoch {epoch}: samples lost"
         repeated = [i for i, c in ids.items() if c > 1]
         assert not repeated, f"epoch {epoch}: repeated {repeated[:10]}"
+
+
+def test_rank_killed_mid_epoch_rolls_back_to_the_commit_every_sample_once(tmp_path):
+    """The 127.0.0.1 worker (rank 2) is SIGKILLed mid-epoch 0: the others get Horovod's
+    error (from our end-of-data allreduce or their gradients), restore the last commit, and
+    finish on 2 ranks; the batches since the commit are trained again, nothing is lost."""
+    marker = tmp_path / "killed"
+    records, out = _run_elastic(tmp_path, "localhost:2\n127.0.0.1:1\n",
+                                ["--kill", f"0:7:2:{marker}"])
+    assert marker.exists(), out[-4000:]
+    sizes = [r["size"] for r in records if r["rank"] == 0]
+    assert sizes[0] == 3 and sizes[-1] == 2, sizes
+    _assert_exactly_once(records)
+
+
+def test_worker_removed_mid_epoch_and_added_later_every_sample_once_per_epoch(tmp_path):
+    phase: dict = {"n": 0, "removed_at": None}
+
+    def drive(p: dict, hosts: Path) -> None:
+        if phase["n"] == 0 and p["size"] == 3 and p["epoch"] == 0 and p["steps"] >= 6:
+            hosts.write_text("localhost:2\n")  # 127.0.0.1's worker leaves mid-epoch
+            phase.update(n=1, removed_at=p)
+        elif phase["n"] == 1 and p["size"] == 2 and p["steps"] >= 6:
+            hosts.write_text("localhost:2\n127.0.0.1:1\n")  # and a worker joins
+            phase["n"] = 2
+
+    records, out = _run_elastic(tmp_path, "localhost:2\n127.0.0.1:1\n", [], drive)
+    assert phase["n"] == 2, f"training ended before the host changes ({phase})\n{out[-4000:]}"
+    assert phase["removed_at"]["epoch"] == 0
+    sizes = [r["size"] for r in records if r["rank"] == 0]
+    assert 3 in sizes and 2 in sizes and sizes.index(2) < len(sizes) - 1 - sizes[::-1].index(3), \
+        f"expected world sizes 3 -> 2 -> 3, got {sizes}"
+    _assert_exactly_once(records)
