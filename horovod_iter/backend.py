@@ -271,7 +271,13 @@ class HorovodBackend(Backend):
         # Horovod matches ops across ranks by name: callers that issue ops in a rank-dependent
         # order must pass their own names; the counter is fine for ops issued in program order.
         name = name or f"horovod_iter.allreduce.{next(self._names)}"
-        handle = self._hvd.allreduce_async_(tensor.clone(), name=name, op=self._ops[op])
+        try:
+            handle = self._hvd.allreduce_async_(tensor.clone(), name=name, op=self._ops[op])
+        except Exception as e:  # Horovod shut down under us: a rank died or raised
+            raise _rank_failure_type(e)(
+                f"rank {self.rank} of {self.size} (horovod backend): could not start allreduce "
+                f"{name!r}, most likely because another rank died or raised: {e}"
+            ) from e
         return _HorovodHandle(self, handle)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:

@@ -187,8 +187,15 @@ class EndOfDataSync:
                 return
             self._pulled.append(entry)
             flags = [1 if entry[0] else 0]
-        handle = self.backend.allreduce_async(torch.tensor(flags, dtype=torch.int32), "sum",
-                                              name=f"{self.name}.{first}")
+        try:
+            handle = self.backend.allreduce_async(torch.tensor(flags, dtype=torch.int32),
+                                                  "sum", name=f"{self.name}.{first}")
+        except DataTimeoutError as e:  # a rank died: say where we were
+            self._finish()
+            self._chunks.clear()
+            e.args = (f"{e} (while sending the end-of-data flags of step {first}"
+                      f"{f' to {first + len(flags) - 1}' if len(flags) > 1 else ''})",)
+            raise
         self._chunks.append((first, handle))
         self._issued = first + len(flags)
 

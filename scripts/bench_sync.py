@@ -3,7 +3,7 @@
 Each rank runs a loop of synthetic 1 ms steps over in-memory batches: bare (no check at all),
 horovod_iter's EndOfDataSync as the loader uses it - for an IterableDataset one asynchronous
 allreduce per step issued 2 steps ahead, for map-style data (batch count known) one allreduce
-per 8 steps issued 16 steps ahead - and the naive check a user would write (a blocking
+per 64 steps issued 128 steps ahead - and the naive check a user would write (a blocking
 allreduce of a has-data flag before every step). It prints the per-step overhead over bare as
 a fraction of the step.
 The step is a sleep by default (a host waiting for its GPU step mostly sleeps); --spin busy-waits
@@ -36,6 +36,7 @@ def worker(steps: int, step_s: float, repeats: int, busy: bool) -> None:
     import torch
 
     import horovod_iter as hi
+    from horovod_iter.loader import _CHUNK
     from horovod_iter.sync import EndOfDataSync
 
     b = hi.init()
@@ -54,7 +55,7 @@ def worker(steps: int, step_s: float, repeats: int, busy: bool) -> None:
 
     def ours_map(tag: str) -> None:
         for _ in EndOfDataSync(iter(batches), b, "stop", timeout=60, name=f"bench.{tag}",
-                               num_batches=steps, chunk=8, lookahead=16):
+                               num_batches=steps, chunk=_CHUNK, lookahead=2 * _CHUNK):
             work(step_s)
 
     def blocking(tag: str) -> None:

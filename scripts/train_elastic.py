@@ -37,8 +37,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
     p.add_argument("--log-dir", default=None, help="per-rank committed sample ids (tests)")
     p.add_argument("--progress-file", default=None, help="rank 0's position (tests)")
-    p.add_argument("--kill", default=None, metavar="EPOCH:STEP:RANK:MARKER",
-                   help="that rank SIGKILLs itself there, once (MARKER file records it; tests)")
+    p.add_argument("--kill", default=None, metavar="EPOCH:STEP:HOST:MARKER",
+                   help="the worker on HOST (HOROVOD_HOSTNAME) SIGKILLs itself there, once "
+                        "(MARKER file records it; tests)")
     return p.parse_args()
 
 
@@ -90,9 +91,10 @@ def main() -> None:
                 opt.step()
                 pending += ids.tolist()
                 if args.kill:
-                    k_epoch, k_step, k_rank, marker = args.kill.split(":", 3)
-                    if ((state.epoch, state.loader.state_dict()["steps"], hvd.rank())
-                            == (int(k_epoch), int(k_step), int(k_rank))
+                    k_epoch, k_step, k_host, marker = args.kill.split(":", 3)
+                    if ((state.epoch, state.loader.state_dict()["steps"])
+                            == (int(k_epoch), int(k_step))
+                            and os.environ.get("HOROVOD_HOSTNAME") == k_host
                             and not os.path.exists(marker)):
                         open(marker, "w").close()
                         os.kill(os.getpid(), signal.SIGKILL)  # a rank dies mid-epoch
