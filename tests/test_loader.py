@@ -139,13 +139,15 @@ def test_mismatched_configuration_refused_on_every_rank(launcher):
 def test_stalled_rank_makes_the_others_raise_within_timeout(launcher):
     res = run(launcher, 3, n=6000, batch_size=2, timeout=2, stall=[1, 3, 8])
     for r in (res[0], res[2]):
-        assert r["error"] is not None and r["error"].startswith("DataTimeoutError"), r["error"]
+        assert r["error"] is not None and r["timeout_error"], r["error"]
         # rank 1 stalls before asking for step 3 (of 1000) but its flags travel ahead (prefetch
         # 2, two chunks of 64, rounded up to a chunk): the others get at most that far and
         # raise there, naming the step
         assert 3 <= len(r["batches"]) <= 3 + 2 + 1 + 3 * 64
         assert f"flags of step {len(r['batches'])}" in r["error"]
-        assert "waited more than 2.0 s" in r["error"]
+    # the first survivor to time out says so; the other may instead see it leave (Horovod
+    # shuts down): also a DataTimeoutError, naming the same step
+    assert any("waited more than 2.0 s" in r["error"] for r in (res[0], res[2]))
 
 
 # ---- in-process -----------------------------------------------------------------------
