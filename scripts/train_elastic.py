@@ -38,7 +38,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--log-dir", default=None, help="per-rank committed sample ids (tests)")
     p.add_argument("--progress-file", default=None, help="rank 0's position (tests)")
     p.add_argument("--kill", default=None, metavar="EPOCH:STEP:HOST:MARKER",
-                   help="the worker on HOST (HOROVOD_HOSTNAME) SIGKILLs itself there, once "
+                   help="the worker on HOST (HOROVOD_HOSTNAME) SIGKILLs itself there (or at "
+                        "its first step after), once "
                         "(MARKER file records it; tests)")
     return p.parse_args()
 
@@ -93,7 +94,7 @@ def main() -> None:
                 if args.kill:
                     k_epoch, k_step, k_host, marker = args.kill.split(":", 3)
                     if ((state.epoch, state.loader.state_dict()["steps"])
-                            == (int(k_epoch), int(k_step))
+                            >= (int(k_epoch), int(k_step))
                             and os.environ.get("HOROVOD_HOSTNAME") == k_host
                             and not os.path.exists(marker)):
                         open(marker, "w").close()

