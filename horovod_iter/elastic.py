@@ -38,20 +38,25 @@ def _make_handlers() -> tuple[type, type]:
 
     base = _state_handler_base()
 
-    class LoaderStateHandler(base):  # type: ignore[misc, valid-type]
-        """Save/restore/sync a :class:`DistributedLoader` in a Horovod elastic state."""
+    class _StateDictHandler(base):  # type: ignore[misc, valid-type]
+        """commit keeps ``state_dict()``, restore loads it back."""
 
-        def __init__(self, loader: DistributedLoader) -> None:
-            super().__init__(loader)
+        def __init__(self, value: Any) -> None:
+            super().__init__(value)
             self.save()
 
         def save(self) -> None:
             self._saved = copy.deepcopy(self.value.state_dict())
 
         def restore(self) -> None:
-            loader: DistributedLoader = self.value
-            loader._abandon_active()
-            loader.load_state_dict(self._saved)
+            self.value.load_state_dict(self._saved)
+
+    class LoaderStateHandler(_StateDictHandler):
+        """Save/restore/sync a :class:`DistributedLoader` in a Horovod elastic state."""
+
+        def restore(self) -> None:
+            self.value._abandon_active()
+            super().restore()
 
         def sync(self) -> None:
             loader: DistributedLoader = self.value
@@ -66,22 +71,11 @@ def _make_handlers() -> tuple[type, type]:
             loader._rebind_world(size(), rank())
             loader.load_state_dict(state)
             self._saved = copy.deepcopy(state)
-            log.info("rank %d: loader synced after an elastic reset: %d ranks, epoch %d, "
-                     "%d steps to go", rank(), size(), loader.epoch, len(loader)
-                     if not loader.is_iterable else -1)
+            log.info("rank %d: loader synced after an elastic reset: %d ranks, epoch %d",
+                     rank(), size(), loader.epoch)
 
-    class SamplerStateHandler(base):  # type: ignore[misc, valid-type]
+    class SamplerStateHandler(_StateDictHandler):
         """Save/restore/sync a standalone :class:`DistributedSampler`."""
-
-        def __init__(self, sampler: DistributedSampler) -> None:
-            super().__init__(sampler)
-            self.save()
-
-        def save(self) -> None:
-            self._saved = copy.deepcopy(self.value.state_dict())
-
-        def restore(self) -> None:
-            self.value.load_state_dict(self._saved)
 
         def sync(self) -> None:
             sampler: DistributedSampler = self.value

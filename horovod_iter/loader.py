@@ -98,8 +98,8 @@ class _WorkerFailure:
 
 
 class _WorkerBatches:
-    """Iterate a DataLoader over :class:`_FetchedBatches`, raising a worker's SampleError
-    in this process with its own message; ``close()`` stops the workers."""
+    """Iterate a DataLoader with workers; ``close()`` stops them. Over
+    :class:`_FetchedBatches` a worker's SampleError is raised here with its own message."""
 
     def __init__(self, dl: DataLoader[Any]) -> None:
         self._it: Any = iter(dl)
@@ -537,10 +537,10 @@ class DistributedIterator:
         if ld.num_workers == 0:
             return ThreadedIterator(lambda: itertools.islice(iter(dl), skip, None),
                                     depth=max(1, ld.prefetch))
-        it = iter(dl)
+        workers = _WorkerBatches(dl)
         for _ in range(skip):  # an iterable cannot seek: replay (O(steps))
-            next(it, None)
-        return it
+            next(workers, None)
+        return workers
 
     # -- protocol ---------------------------------------------------------------------
     def __iter__(self) -> DistributedIterator:
@@ -607,11 +607,8 @@ class DistributedIterator:
             self._prefetcher.close()  # closes the sync too (waits for its allreduce)
         finally:
             host, self._host = self._host, None
-            if hasattr(host, "close"):
+            if hasattr(host, "close"):  # fetch thread or DataLoader workers
                 host.close()
-            shutdown = getattr(host, "_shutdown_workers", None)
-            if callable(shutdown):
-                shutdown()
 
     def __enter__(self) -> DistributedIterator:
         return self
