@@ -2,29 +2,42 @@
 
 Public API (everything else is private and may change):
 
-* :func:`init`, :func:`get_backend`, :func:`shutdown`, :class:`Backend` - ranks and collectives.
-* :class:`DistributedLoader` / :class:`DistributedIterator` - the input pipeline: sampler ->
-  fetch -> allreduce-synchronised end of data -> CUDA-stream prefetch.
-* :class:`DistributedSampler` - disjoint epoch-seeded slices, O(1) memory, exact resume.
-* :class:`CudaPrefetcher` - side-stream host->GPU prefetch around any iterable.
-* :func:`shard` - split an iterable by rank and DataLoader worker.
+* ``init``, ``get_backend``, ``shutdown``, ``Backend``: ranks and collectives.
+* ``DistributedLoader`` / ``DistributedIterator``: the input pipeline: sampler -> fetch ->
+  allreduce-synchronised end of data -> CUDA-stream prefetch.
+* ``DistributedSampler``: disjoint epoch-seeded slices, O(1) memory, exact resume.
+* ``EpochPlan``: the pure layout of an epoch over the ranks.
+* ``CudaPrefetcher``: side-stream host->GPU prefetch around any iterable.
+* ``shard``: split an iterable by rank and DataLoader worker.
+* The exceptions of ``horovod_iter.errors``.
+
+With Horovod installed, importing the package registers the Horovod elastic state handlers
+(``horovod_iter.integrations.horovod_elastic``), so ``hvd.elastic.TorchState(loader=...)``
+works.
 """
 from __future__ import annotations
+
+import importlib.util
 
 from .backend import Backend, get_backend, init, shutdown
 from .errors import (
     BackendError,
     ConfigMismatchError,
     DataTimeoutError,
+    HorovodIterError,
     OutOfRangeError,
+    RankFailureError,
+    SampleError,
     UnevenDataError,
 )
 from .fetch import shard
-from .loader import DistributedIterator, DistributedLoader
+from .iterator import DistributedIterator
+from .loader import DistributedLoader
+from .plan import EpochPlan
 from .prefetch import CudaPrefetcher
 from .sampler import DistributedSampler
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Backend",
@@ -35,10 +48,20 @@ __all__ = [
     "DistributedIterator",
     "DistributedLoader",
     "DistributedSampler",
+    "EpochPlan",
+    "HorovodIterError",
     "OutOfRangeError",
+    "RankFailureError",
+    "SampleError",
     "UnevenDataError",
     "get_backend",
     "init",
     "shard",
     "shutdown",
 ]
+
+if importlib.util.find_spec("horovod") is not None:
+    try:
+        from .integrations import horovod_elastic as _horovod_elastic  # noqa: F401
+    except ImportError:  # Horovod without its torch part: nothing to register with
+        pass

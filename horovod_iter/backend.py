@@ -6,17 +6,15 @@ unchanged under ``horovodrun``, ``torchrun`` and plain ``python``.
 
 Collectives offered (and nothing more): allreduce of a small integer tensor (sum, min, max),
 blocking or asynchronous with a timeout; ``broadcast_object``; ``allgather_object``; ``barrier``.
-Under torch.distributed they run on a dedicated gloo group created once, so they never
-interleave with the trainer's own NCCL/gloo collectives; under Horovod every asynchronous op gets
-a unique name.
+The Horovod and torch.distributed backends live in :mod:`horovod_iter.backend_horovod` and
+:mod:`horovod_iter.backend_torch`, imported only when chosen. This module imports nothing of the
+library but :mod:`horovod_iter.errors`.
 """
 from __future__ import annotations
 
 import atexit
-import datetime
-import itertools
+import importlib
 import os
-import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -43,7 +41,6 @@ BACKENDS = ("horovod", "torch", "local")
 _OPS = ("sum", "min", "max")
 # Environment variables set by horovodrun (gloo), mpirun (Open MPI, MPICH/Intel MPI, PMIx).
 _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-_DEFAULT_GROUP_TIMEOUT_S = float(os.environ.get("HOROVOD_ITER_GROUP_TIMEOUT", "1800"))
 
 
 class AsyncHandle(ABC):
@@ -69,7 +66,7 @@ class _DoneHandle(AsyncHandle):
         return self._result
 
 
-def _poll_until(done: Callable[[], bool], timeout: float | None) -> bool:
+def poll_until(done: Callable[[], bool], timeout: float | None) -> bool:
     """Spin-then-sleep until ``done()``; False if ``timeout`` seconds pass first."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.0
@@ -82,7 +79,7 @@ def _poll_until(done: Callable[[], bool], timeout: float | None) -> bool:
     return True
 
 
-def _timeout_error(backend: Backend, what: str, timeout: float | None) -> DataTimeoutError:
+def timeout_error(backend: Backend, what: str, timeout: float | None) -> DataTimeoutError:
     return DataTimeoutError(
         f"rank {backend.rank} of {backend.size} ({backend.name} backend) waited more than "
         f"{timeout} s for {what}: another rank is stalled, has died, or stopped iterating "
@@ -137,6 +134,9 @@ class Backend(ABC):
     def barrier(self) -> None:
         """Block until every rank arrives."""
 
+    def on_world_change(self) -> None:  # noqa: B027 - optional hook
+        """The set of ranks changed (Horovod elastic): reset per-world bookkeeping."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what this backend created (process groups, Horovod if we initialised it)."""
 
@@ -180,247 +180,19 @@ class LocalBackend(Backend):
         return None
 
 
-class _HorovodHandle(AsyncHandle):
-    def __init__(self, backend: HorovodBackend, handle: Any) -> None:
-        self._backend = backend
-        self._handle = handle
-        self._result: torch.Tensor | None = None
-
-    def done(self) -> bool:
-        return self._result is not None or bool(self._backend._hvd.poll(self._handle))
-
-    def wait(self, timeout: float | None = None, what: str = "an allreduce") -> torch.Tensor:
-        if self._result is None:
-            hvd = self._backend._hvd
-            if timeout is not None and not _poll_until(lambda: hvd.poll(self._handle), timeout):
-                raise _timeout_error(self._backend, what, timeout)
-            try:
-                self._result = hvd.synchronize(self._handle)
-            except Exception as e:  # HorovodInternalError: a rank died or raised
-                raise _rank_failure_type(e)(
-                    f"rank {self._backend.rank} of {self._backend.size} (horovod backend): "
-                    f"{what} failed, most likely because another rank died or raised: {e}"
-                ) from e
-        return self._result
-
-
-_RANK_FAILURE: type[DataTimeoutError] | None = None
-
-
-def _rank_failure_type(e: Exception) -> type[DataTimeoutError]:
-    """DataTimeoutError, and also Horovod's HorovodInternalError when ``e`` is one - so that
-    ``hvd.elastic.run`` sees a failed collective of ours as the rank failure it is and resets."""
-    global _RANK_FAILURE
-    try:
-        from horovod.common.exceptions import HorovodInternalError
-    except ImportError:  # pragma: no cover
-        return DataTimeoutError
-    if not isinstance(e, HorovodInternalError):
-        return DataTimeoutError
-    if _RANK_FAILURE is None:
-        _RANK_FAILURE = type("RankFailureError", (DataTimeoutError, HorovodInternalError),
-                             {"__module__": __name__,
-                              "__doc__": "A collective failed because a rank died."})
-    return _RANK_FAILURE
-
-
-class HorovodBackend(Backend):
-    """``horovod.torch``; calls ``hvd.init()`` if the user has not."""
-
-    name = "horovod"
-
-    def __init__(self) -> None:
-        try:
-            import horovod.torch as hvd
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise BackendError(
-                "backend 'horovod' needs Horovod with PyTorch support: install it with "
-                "`pip install horovod_iter[horovod]` (built with HOROVOD_WITH_PYTORCH=1), or run "
-                "`bash scripts/setup.sh`, then launch with `horovodrun -np N python train.py`. "
-                f"(import error: {e})"
-            ) from e
-        self._hvd = hvd
-        self._we_initialised = not hvd.is_initialized()
-        if self._we_initialised:
-            hvd.init()
-        self._ops = {"sum": hvd.Sum, "min": hvd.Min, "max": hvd.Max}
-        self._names = itertools.count()
-        from .elastic import register
-
-        register()  # hvd.elastic.TorchState(loader=...) knows our loader and sampler
-
-    @property
-    def rank(self) -> int:
-        return int(self._hvd.rank())
-
-    @property
-    def size(self) -> int:
-        return int(self._hvd.size())
-
-    @property
-    def local_rank(self) -> int:
-        return int(self._hvd.local_rank())
-
-    @property
-    def local_size(self) -> int:
-        return int(self._hvd.local_size())
-
-    def allreduce_async(self, tensor: torch.Tensor, op: str = "sum",
-                        name: str | None = None) -> AsyncHandle:
-        self._check(tensor, op)
-        # Horovod matches ops across ranks by name: callers that issue ops in a rank-dependent
-        # order must pass their own names; the counter is fine for ops issued in program order.
-        name = name or f"horovod_iter.allreduce.{next(self._names)}"
-        try:
-            handle = self._hvd.allreduce_async_(tensor.clone(), name=name, op=self._ops[op])
-        except Exception as e:  # Horovod shut down under us: a rank died or raised
-            raise _rank_failure_type(e)(
-                f"rank {self.rank} of {self.size} (horovod backend): could not start allreduce "
-                f"{name!r}, most likely because another rank died or raised: {e}"
-            ) from e
-        return _HorovodHandle(self, handle)
-
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self._hvd.broadcast_object(obj, root_rank=root,
-                                          name=f"horovod_iter.bcast.{next(self._names)}")
-
-    def allgather_object(self, obj: Any) -> list[Any]:
-        name = f"horovod_iter.gather.{next(self._names)}"
-        return list(self._hvd.allgather_object(obj, name=name))
-
-    def barrier(self) -> None:
-        self._hvd.barrier()
-
-    def close(self) -> None:
-        if self._we_initialised and self._hvd.is_initialized():
-            self._hvd.shutdown()
-        self._we_initialised = False
-
-
-class _TorchHandle(AsyncHandle):
-    def __init__(self, backend: TorchBackend, work: Any, tensor: torch.Tensor) -> None:
-        self._backend = backend
-        self._work = work
-        self._tensor = tensor
-        self._finished = False
-
-    def done(self) -> bool:
-        return self._finished or bool(self._work.is_completed())
-
-    def wait(self, timeout: float | None = None, what: str = "an allreduce") -> torch.Tensor:
-        if not self._finished:
-            if timeout is not None and not _poll_until(self._work.is_completed, timeout):
-                raise _timeout_error(self._backend, what, timeout)
-            try:
-                self._work.wait()
-            except RuntimeError as e:
-                raise DataTimeoutError(
-                    f"rank {self._backend.rank} of {self._backend.size} (torch backend): "
-                    f"{what} failed, most likely because another rank died: {e}"
-                ) from e
-            self._finished = True
-        return self._tensor
-
-
-class TorchBackend(Backend):
-    """``torch.distributed``; initialises the default group from torchrun's environment if the
-    user has not, and runs the library's collectives on its own gloo group."""
-
-    name = "torch"
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_available():  # pragma: no cover - depends on the torch build
-            raise BackendError("backend 'torch' needs a torch build with torch.distributed")
-        self._dist = dist
-        self._we_initialised = False
-        if not dist.is_initialized():
-            missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-                       if v not in os.environ]
-            if missing:
-                raise BackendError(
-                    "backend 'torch' needs torch.distributed initialised or torchrun's "
-                    f"environment; {', '.join(missing)} not set. Launch with "
-                    "`torchrun --nproc_per_node N train.py`, or call "
-                    "torch.distributed.init_process_group() before horovod_iter.init()."
-                )
-            use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
-            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_nccl else "gloo")
-            self._we_initialised = True
-        timeout = datetime.timedelta(seconds=_DEFAULT_GROUP_TIMEOUT_S)
-        # A group of our own, created once and collectively on every rank: the library's
-        # collectives can then never be matched against the trainer's.
-        self._group = dist.new_group(backend="gloo", timeout=timeout)
-        self._local: tuple[int, int] | None = None
-        env_local = (os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE"))
-        if env_local[0] is not None and env_local[1] is not None:
-            self._local = (int(env_local[0]), int(env_local[1]))
-
-    @property
-    def rank(self) -> int:
-        return int(self._dist.get_rank())
-
-    @property
-    def size(self) -> int:
-        return int(self._dist.get_world_size())
-
-    def _local_facts(self) -> tuple[int, int]:
-        if self._local is None:
-            hosts = self.allgather_object(socket.gethostname())
-            me = hosts[self.rank]
-            self._local = (hosts[: self.rank].count(me), hosts.count(me))
-        return self._local
-
-    @property
-    def local_rank(self) -> int:
-        return self._local_facts()[0]
-
-    @property
-    def local_size(self) -> int:
-        return self._local_facts()[1]
-
-    def allreduce_async(self, tensor: torch.Tensor, op: str = "sum",
-                        name: str | None = None) -> AsyncHandle:
-        self._check(tensor, op)
-        ops = {"sum": self._dist.ReduceOp.SUM, "min": self._dist.ReduceOp.MIN,
-               "max": self._dist.ReduceOp.MAX}
-        out = tensor.clone()
-        work = self._dist.all_reduce(out, op=ops[op], group=self._group, async_op=True)
-        return _TorchHandle(self, work, out)
-
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        box = [obj]
-        self._dist.broadcast_object_list(box, src=root, group=self._group)
-        return box[0]
-
-    def allgather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.size
-        self._dist.all_gather_object(out, obj, group=self._group)
-        return out
-
-    def barrier(self) -> None:
-        self._dist.barrier(group=self._group)
-
-    def close(self) -> None:
-        dist = self._dist
-        if not dist.is_initialized():
-            return
-        if self._group is not None:
-            dist.destroy_process_group(self._group)
-            self._group = None
-        if self._we_initialised:
-            dist.destroy_process_group()
-            self._we_initialised = False
-
-
 _lock = threading.RLock()
 _backend: Backend | None = None
-_FACTORIES: dict[str, Callable[[], Backend]] = {
-    "horovod": HorovodBackend,
-    "torch": TorchBackend,
-    "local": LocalBackend,
-}
+_MODULES = {"horovod": ("backend_horovod", "HorovodBackend"),
+            "torch": ("backend_torch", "TorchBackend")}
+
+
+def _create(name: str) -> Backend:
+    if name == "local":
+        return LocalBackend()
+    module, cls = _MODULES[name]
+    factory: Callable[[], Backend] = getattr(
+        importlib.import_module(f"{__package__}.{module}"), cls)
+    return factory()
 
 
 def _horovod_importable() -> bool:
@@ -498,7 +270,7 @@ def init(backend: str | None = None) -> Backend:
                 )
             wanted = _normalise(env)
         name = wanted or _detect()
-        _backend = _FACTORIES[name]()
+        _backend = _create(name)
         return _backend
 
 
@@ -518,4 +290,18 @@ def shutdown() -> None:
                 _backend = None
 
 
-atexit.register(shutdown)
+_exiting = False
+
+
+def exiting() -> bool:
+    """True once the interpreter is shutting down: finalizers must not block then."""
+    return _exiting
+
+
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
+    shutdown()
+
+
+atexit.register(_at_exit)

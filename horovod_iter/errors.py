@@ -1,7 +1,20 @@
-"""Exceptions raised by horovod_iter.
+"""Every exception horovod_iter raises on purpose, in one place (all exported).
 
-Every error says what went wrong, on which rank (and step, when it is about the
-end-of-data check), and what to do about it.
+Each error says what went wrong, on which rank (and step, when it is about the end of data),
+and what to do about it. The hierarchy::
+
+    HorovodIterError
+    ├── BackendError            a backend is unavailable or contradicts the one in use
+    ├── RankFailureError        another rank died, raised, or stopped answering
+    │   └── DataTimeoutError    ... and we waited longer than ``timeout`` for it
+    ├── UnevenDataError         ranks' data ends at different steps with uneven="error"
+    ├── ConfigMismatchError     ranks were configured (or iterated) differently
+    ├── SampleError             reading or collating a sample failed (names rank and index)
+    └── OutOfRangeError         ``get_next()`` at the end of data (TensorFlow's name)
+
+Under Horovod, a rank failure is raised as
+``horovod_iter.backend_horovod.HorovodRankFailureError``: a :class:`RankFailureError` that is
+also Horovod's ``HorovodInternalError``, so ``hvd.elastic.run`` resets on it.
 """
 from __future__ import annotations
 
@@ -9,27 +22,44 @@ __all__ = [
     "BackendError",
     "ConfigMismatchError",
     "DataTimeoutError",
+    "HorovodIterError",
     "OutOfRangeError",
+    "RankFailureError",
+    "SampleError",
     "UnevenDataError",
 ]
 
 
-class BackendError(RuntimeError):
+class HorovodIterError(Exception):
+    """Base class of the library's errors."""
+
+
+class BackendError(HorovodIterError, RuntimeError):
     """A backend was asked for that is unavailable or contradicts the one in use."""
 
 
-class DataTimeoutError(TimeoutError):
+class RankFailureError(HorovodIterError, RuntimeError):
+    """A collective failed because another rank died, raised, or left the job."""
+
+
+class DataTimeoutError(RankFailureError, TimeoutError):
     """A rank waited longer than ``timeout`` for the other ranks (a stalled or dead rank)."""
 
 
-class UnevenDataError(RuntimeError):
+class UnevenDataError(HorovodIterError, RuntimeError):
     """Ranks ran out of data at different steps and ``uneven="error"`` was asked for."""
 
 
-class ConfigMismatchError(ValueError):
-    """Ranks were configured differently (dataset length, batch size, seed, ...)."""
+class ConfigMismatchError(HorovodIterError, ValueError):
+    """Ranks were configured differently (dataset length, batch size, seed, ...), or one rank
+    iterated a loader that the others did not."""
 
 
-class OutOfRangeError(Exception):
+class SampleError(HorovodIterError, RuntimeError):
+    """Reading or collating samples failed; the message names the rank and the indices (or,
+    for iterable data, the rank and the step)."""
+
+
+class OutOfRangeError(HorovodIterError):
     """Raised by ``DistributedIterator.get_next()`` at the end of data, at the same step on
     every rank (TensorFlow's ``tf.errors.OutOfRangeError``)."""

@@ -1,40 +1,50 @@
-"""Host side of the pipeline: indices -> samples -> collated batch, off the trainer's thread.
+"""Host side of the pipeline: index batches -> samples -> collated batch, as a ``HostSource``.
 
-* Whole batches are fetched at once where the dataset allows it: ``TensorDataset`` (and any
-  dataset exposing ``tensors``) is gathered with ``index_select`` in parallel threads straight
-  into freshly allocated pinned memory (torch's caching host allocator recycles those blocks once
-  their copies are done); datasets with ``__getitems__`` get the whole index list, as
-  ``torch.utils.data.DataLoader`` does; others are read sample by sample.
-* With the default collate and a CUDA target, tensors are stacked directly into pinned memory
-  (no second copy by a pinning thread).
-* ``num_workers == 0``: a background thread runs the fetch ahead of the trainer. With workers,
-  ``torch.utils.data.DataLoader`` does (its workers, transforms, collate functions and
-  ``worker_init_fn`` behave as users know them).
+:func:`host_batches` chooses the fetch path by dispatch and returns a source that carries its
+own batch count (``None`` when unknown) and ``close()``:
+
+* **index batches** (our sampler's plan, or a foreign sampler's indices grouped into batches):
+  with ``num_workers=0`` fetched in the caller's thread, as torch's DataLoader does (no hand-off
+  between threads); with workers, whole batches are fetched inside torch DataLoader workers.
+  Either way a :class:`BatchFetcher` gathers ``TensorDataset`` tensors in bulk with
+  ``index_select`` (in parallel threads for large batches), gives ``__getitems__`` the whole
+  index list, and names the rank and the index when a sample fails.
+* **iterable data**: a torch DataLoader over the ``IterableDataset`` (its workers, collate and
+  ``worker_init_fn`` as users know them); a failure names the rank and the step.
+
+``shard`` splits a plain iterable by rank and DataLoader worker.
 """
 from __future__ import annotations
 
+import itertools
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
 
+from ._tree import ErrorBox, tree_structure
 from .backend import get_backend
+from .errors import SampleError
+from .plan import EpochPlan, steps_for
 
-__all__ = ["BatchFetcher", "SampleError", "ThreadedIterator", "pinned_collate", "shard"]
+__all__ = ["BatchFetcher", "FetchOptions", "HostSource", "host_batches", "pinned_collate",
+           "plan_batches", "shard"]
 
 
 def shard(iterable: Iterable[Any], rank: int | None = None,
           num_replicas: int | None = None) -> Iterator[Any]:
     """Yield this rank's (and this DataLoader worker's) share of ``iterable``: element ``i``
-    goes to the consumer ``i mod (W * workers)``. Use it inside an ``IterableDataset``::
+    goes to the consumer ``i mod (W * workers)``. Every consumer reads the whole stream; for
+    sharded files use :class:`horovod_iter.ShardedDataset`, which reads each file once.
+
+    Use it inside an ``IterableDataset``::
 
         class Lines(IterableDataset):
             def __iter__(self):
@@ -53,9 +63,7 @@ def shard(iterable: Iterable[Any], rank: int | None = None,
     info = get_worker_info()
     workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
     stride, offset = num_replicas * workers, rank * workers + worker
-    for i, item in enumerate(iterable):
-        if i % stride == offset:
-            yield item
+    return itertools.islice(iterable, offset, None, stride)
 
 
 def _pinned_tensor_collate(batch: Sequence[torch.Tensor], *,
@@ -73,33 +81,16 @@ def pinned_collate(batch: list[Any]) -> Any:
     return _collate(batch, collate_fn_map=_PINNED_MAP)
 
 
-def _structure(x: Any) -> Any:
-    """A comparable description of a sample: containers, types, tensor shapes and dtypes."""
-    if isinstance(x, torch.Tensor):
-        return ("Tensor", tuple(x.shape), str(x.dtype))
-    if isinstance(x, np.ndarray):
-        return ("ndarray", x.shape, str(x.dtype))
-    if isinstance(x, Mapping):
-        return ("dict", tuple(sorted((str(k), _structure(v)) for k, v in x.items())))
-    if isinstance(x, (list, tuple)):
-        return (type(x).__name__, tuple(_structure(v) for v in x))
-    return type(x).__name__
-
-
 def _first_odd_sample(samples: Sequence[Any]) -> tuple[int, Any, Any] | None:
     """(position, first sample's structure, its structure) of the first sample that differs."""
     if not samples:
         return None
-    want = _structure(samples[0])
+    want = tree_structure(samples[0])
     for k, s in enumerate(samples[1:], 1):
-        got = _structure(s)
+        got = tree_structure(s)
         if got != want:
             return k, want, got
     return None
-
-
-class SampleError(RuntimeError):
-    """Reading or collating samples failed; the message names the rank and the indices."""
 
 
 class BatchFetcher:
@@ -110,7 +101,6 @@ class BatchFetcher:
         self.dataset = dataset
         self.rank = rank
         self.pin = pin
-        self.user_collate = collate_fn
         self.collate = collate_fn or (pinned_collate if pin else default_collate)
         tensors = getattr(dataset, "tensors", None)
         self._tensors: tuple[torch.Tensor, ...] | None = None
@@ -118,6 +108,8 @@ class BatchFetcher:
                 and all(isinstance(t, torch.Tensor) and not t.is_cuda for t in tensors)
                 and type(dataset).__getitem__ is torch.utils.data.TensorDataset.__getitem__):
             self._tensors = tuple(tensors)
+        getitems = getattr(dataset, "__getitems__", None)
+        self._getitems = getitems if callable(getitems) else None
         self._threads = threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
 
@@ -138,14 +130,14 @@ class BatchFetcher:
         if self._tensors is not None:
             # default_collate of TensorDataset samples gives a list of stacked tensors
             return [self._gather(t, indices) for t in self._tensors]
-        getitems = getattr(self.dataset, "__getitems__", None)
-        if callable(getitems):
-            samples = getitems(indices.tolist())
+        if self._getitems is not None:
+            samples = self._getitems(indices.tolist())
         else:
             samples = []
+            dataset = self.dataset
             for i in indices.tolist():
                 try:
-                    samples.append(self.dataset[i])
+                    samples.append(dataset[i])
                 except Exception as e:
                     raise SampleError(f"rank {self.rank}: dataset[{i}] raised "
                                       f"{type(e).__name__}: {e}") from e
@@ -180,82 +172,167 @@ class BatchFetcher:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=False)
             self._pool = None
 
 
-class _End:
-    pass
+@dataclass(frozen=True)
+class FetchOptions:
+    """How batches are made on this rank (the DataLoader-like arguments of the loader)."""
+
+    batch_size: int
+    drop_last: bool = False
+    num_workers: int = 0
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    worker_init_fn: Callable[[int], None] | None = None
+    pin: bool = False
+    rank: int = 0
 
 
-class _Raised:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+class HostSource(Iterator[Any]):
+    """This rank's host batches for one pass; ``num_batches`` is their count when known."""
 
-
-class ThreadedIterator:
-    """Run ``make()``'s iterator in a daemon thread, ``depth`` items ahead; exceptions are
-    re-raised in the consumer. ``close()`` stops and joins the thread."""
-
-    def __init__(self, make: Callable[[], Iterator[Any]], depth: int = 2,
-                 on_close: Callable[[], None] | None = None) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._on_close = on_close
-        self._done = False
-        self._thread = threading.Thread(target=self._run, args=(make,), daemon=True,
-                                        name="horovod_iter-fetch")
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, make: Callable[[], Iterator[Any]]) -> None:
-        try:
-            for item in make():
-                if not self._put(item):
-                    return
-            self._put(_End())
-        except BaseException as e:  # delivered to the consumer
-            self._put(_Raised(e))
-
-    def __iter__(self) -> ThreadedIterator:
-        return self
-
-    def __next__(self) -> Any:
-        if self._done:
-            raise StopIteration
-        item = self._queue.get()
-        if isinstance(item, _End):
-            self._done = True
-            raise StopIteration
-        if isinstance(item, _Raised):
-            self._done = True
-            raise item.exc
-        return item
+    num_batches: int | None = None
 
     def close(self) -> None:
-        self._done = True
-        self._stop.set()
-        while True:  # unblock a producer waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
+        """Release threads and worker processes; idempotent, never blocks on other ranks."""
 
-    def __del__(self) -> None:
+
+def plan_batches(plan: EpochPlan, first: int, batch_size: int,
+                 drop_last: bool) -> tuple[Iterator[np.ndarray], int]:
+    """This rank's index batches of a plan from slot ``first``, and their count."""
+    count = plan.count()
+
+    def arrays() -> Iterator[np.ndarray]:
+        slot = first
+        while slot < count:
+            end = min(slot + batch_size, count)
+            if end - slot < batch_size and drop_last:
+                return
+            yield plan.indices(slot, end)
+            slot = end
+
+    return arrays(), steps_for(count - first, batch_size, drop_last)
+
+
+def sampler_batches(sampler: Sampler[Any], skip: int, batch_size: int,
+                    drop_last: bool) -> tuple[Iterator[np.ndarray], int | None]:
+    """A foreign sampler's indices from the ``skip``-th on, grouped into batches."""
+    it = itertools.islice(iter(sampler), skip, None)
+
+    def arrays() -> Iterator[np.ndarray]:
+        while True:
+            batch = list(itertools.islice(it, batch_size))
+            if not batch or (drop_last and len(batch) < batch_size):
+                return
+            yield np.asarray(batch, dtype=np.int64)
+
+    try:
+        n: int | None = steps_for(len(sampler) - skip, batch_size, drop_last)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    return arrays(), n
+
+
+class _InlineSource(HostSource):
+    """Index batches fetched in the caller's thread (``num_workers=0``)."""
+
+    def __init__(self, arrays: Iterator[np.ndarray], count: int | None,
+                 fetcher: BatchFetcher) -> None:
+        self._arrays: Iterator[np.ndarray] | None = arrays
+        self._fetch = fetcher
+        self.num_batches = count
+
+    def __next__(self) -> Any:
+        if self._arrays is None:
+            raise StopIteration
+        return self._fetch(next(self._arrays))
+
+    def close(self) -> None:
+        self._arrays = None
+        self._fetch.close()
+
+
+class _FetchedBatches(torch.utils.data.Dataset[Any]):
+    """Whole batches fetched inside DataLoader workers by a :class:`BatchFetcher`."""
+
+    def __init__(self, fetcher: BatchFetcher) -> None:
+        self.fetcher = fetcher
+
+    def __getitem__(self, indices: np.ndarray) -> Any:
         try:
+            return self.fetcher(indices)
+        except SampleError as e:  # sent back as a value: DataLoader would bury the message
+            return ErrorBox(SampleError(f"{e} (in a DataLoader worker)"))
+
+
+class _Keys(Sampler[np.ndarray]):
+    def __init__(self, arrays: Iterator[np.ndarray]) -> None:
+        self._arrays = arrays
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self._arrays
+
+
+def _whole_batch(batch: Any) -> Any:
+    return batch
+
+
+class _WorkerSource(HostSource):
+    """A torch DataLoader with workers; ``close()`` stops them. A failure names the rank and
+    the step (map-style failures come back as values, with their own message)."""
+
+    def __init__(self, dl: DataLoader[Any], count: int | None, rank: int, skip: int = 0) -> None:
+        self._it: Any = iter(dl)
+        self.num_batches = count
+        self._rank = rank
+        self._step = 0
+        for _ in range(skip):  # an iterable cannot seek: replay (O(steps))
+            if next(self, None) is None:
+                break
+        self._step = 0
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            raise StopIteration
+        try:
+            batch = next(self._it)
+        except StopIteration:
             self.close()
-        except Exception:
-            pass
+            raise
+        except Exception as e:
+            self.close()
+            raise SampleError(f"rank {self._rank}: the dataset raised at step {self._step} of "
+                              f"this pass: {type(e).__name__}: {e}") from e
+        if isinstance(batch, ErrorBox):
+            self.close()
+            batch.reraise()
+        self._step += 1
+        return batch
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+
+
+def host_batches(dataset: Any, opts: FetchOptions, *,
+                 indices: tuple[Iterator[np.ndarray], int | None] | None = None,
+                 skip: int = 0) -> HostSource:
+    """This rank's host batches: from index batches (map-style) or the iterable itself
+    (``indices=None``, replaying ``skip`` batches)."""
+    if indices is not None:
+        arrays, count = indices
+        if opts.num_workers == 0:
+            return _InlineSource(arrays, count, BatchFetcher(dataset, opts.collate_fn, opts.pin,
+                                                             opts.rank))
+        fetcher = BatchFetcher(dataset, opts.collate_fn, False, opts.rank, threads=1)
+        dl = DataLoader(_FetchedBatches(fetcher), batch_size=None, sampler=_Keys(arrays),
+                        num_workers=opts.num_workers, collate_fn=_whole_batch,
+                        pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn)
+        return _WorkerSource(dl, count, opts.rank)
+    dl = DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                    collate_fn=opts.collate_fn, pin_memory=opts.pin, drop_last=opts.drop_last,
+                    worker_init_fn=opts.worker_init_fn)
+    return _WorkerSource(dl, None, opts.rank, skip)

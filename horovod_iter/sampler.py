@@ -1,22 +1,19 @@
 """DistributedSampler: every rank a disjoint slice of an epoch-seeded order, O(1) memory,
-exact and elastic resume.
+exact and elastic resume, with torch's and torchdata's iteration semantics.
 
-Layout of an epoch (same as torch's ``DistributedSampler``): the epoch's order is laid out as a
-sequence of *schedule positions*; rank ``r`` takes positions ``r, r + W, r + 2W, ...``. With
-``pad=True`` the sequence is padded by wrapping around to be divisible by ``W`` (torch's rule);
-with ``drop_last=True`` the tail is cut to be divisible; with ``pad=False`` it is not padded and
-ranks differ by at most one sample. Position ``q`` maps to the ``q mod R``-th not yet consumed
-sample of the epoch's order, which is :func:`horovod_iter.permutation.permute` of it.
+The layout arithmetic is :class:`horovod_iter.plan.EpochPlan`'s; this module adds the position:
+a :class:`Cursor` (a plan frozen at ``iter()`` plus the slots taken so far). Semantics:
 
-Progress: the consumer reports what it consumed with :meth:`DistributedSampler.record` (the
-loader does, for batches handed to the user; plain users call it per batch). Because every
-rank consumes the same number of slots, the first ``k * W`` positions are then consumed, and the
-state is identical on every rank. After a resize the unconsumed samples of the epoch form a new
-*segment* that is laid out over the new world size: none repeated, none lost.
+* every ``iter()`` starts the current epoch from its beginning (torch's rule), except the first
+  ``iter()`` after :meth:`DistributedSampler.load_state_dict` (or :meth:`~DistributedSampler.
+  set_world`), which resumes at the loaded position (torchdata ``StatefulDataLoader``'s rule);
+* :meth:`~DistributedSampler.state_dict` describes what the current iterator has yielded, so
+  torchdata's ``StatefulDataLoader``/``SamplerWrapper`` and a plain DataLoader loop
+  (``num_workers=0``) resume exactly with no extra call;
+* ``set_epoch()`` affects the next ``iter()``, never a pass in flight.
 """
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any
@@ -25,9 +22,9 @@ import numpy as np
 import torch.utils.data
 
 from . import backend as _backend
-from .permutation import permute
+from .plan import EpochPlan
 
-__all__ = ["DistributedSampler"]
+__all__ = ["Cursor", "DistributedSampler", "is_int"]
 
 _STATE_TYPE = "horovod_iter.DistributedSampler"
 _STATE_VERSION = 1
@@ -49,23 +46,81 @@ _BOOL_KEYS = (_SHUFFLE, _PAD, _DROP_LAST)
 _CHUNK = 1 << 16
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+    """An int (Python or numpy), not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _dataset_length(dataset: Any) -> int:
-    if _is_int(dataset):
+    if is_int(dataset):
         n = int(dataset)
     elif isinstance(dataset, Sized):
         n = len(dataset)
     else:
         raise TypeError(
             "dataset must be a sized dataset (with __len__) or an int length, got "
-            f"{type(dataset).__name__}; for an IterableDataset use horovod_iter.shard() instead"
+            f"{type(dataset).__name__}; for an IterableDataset use horovod_iter.ShardedDataset "
+            "or horovod_iter.shard() instead"
         )
     if n < 0:
         raise ValueError(f"dataset length must be >= 0, got {n}")
     return n
+
+
+def _check_world(num_replicas: Any, rank: Any) -> tuple[int, int]:
+    if not is_int(num_replicas) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+    if not is_int(rank) or not 0 <= rank < num_replicas:
+        raise ValueError(
+            f"Invalid rank {rank!r}, rank should be in the interval [0, {num_replicas - 1}]"
+        )
+    return int(num_replicas), int(rank)
+
+
+class Cursor:
+    """A pass's position: the plan frozen at ``iter()`` and the slots taken on every rank.
+
+    ``first`` is where the pass began (0, or the resumed slot); ``slot`` moves as samples are
+    handed out. Whoever hands samples out advances it: the sampler's own iterator per index,
+    :class:`horovod_iter.DistributedLoader` per batch handed to the user (never prefetched).
+    """
+
+    __slots__ = ("first", "plan", "slot")
+
+    def __init__(self, plan: EpochPlan, slot: int = 0) -> None:
+        self.plan = plan
+        self.first = slot
+        self.slot = slot
+
+    def advance(self, slots: int) -> None:
+        self.slot = min(self.slot + slots, self.plan.max_count)
+
+    @property
+    def left(self) -> int:
+        """Slots this rank has left in the pass."""
+        return max(0, self.plan.count() - self.slot)
+
+
+class _SamplerIterator(Iterator[int]):
+    """The indices of a cursor's pass, one at a time; the cursor moves as they are yielded."""
+
+    def __init__(self, cursor: Cursor) -> None:
+        self._cursor = cursor
+        self._buf: list[int] = []
+        self._i = 0
+        self._chunk = 256  # small first chunk: the first index comes in microseconds
+
+    def __next__(self) -> int:
+        if self._i >= len(self._buf):
+            c = self._cursor
+            self._buf = c.plan.indices(c.slot, c.slot + self._chunk).tolist()
+            self._i = 0
+            self._chunk = min(self._chunk * 4, _CHUNK)
+            if not self._buf:
+                raise StopIteration
+        self._i += 1
+        self._cursor.slot += 1
+        return self._buf[self._i - 1]
 
 
 class DistributedSampler(torch.utils.data.Sampler[int]):
@@ -77,18 +132,24 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
 
     Args:
         dataset: a sized dataset, or its length as an int.
-        num_replicas: number of ranks; defaults to the horovod_iter backend's size
-            (Horovod, torch.distributed or 1).
+        num_replicas: number of ranks; defaults to the backend's size (Horovod,
+            torch.distributed or 1). No collective is run.
         rank: this rank; defaults to the backend's rank.
         shuffle: shuffle the order each epoch (see :mod:`horovod_iter.permutation`).
-        seed: int seed shared by all ranks; ``None`` lets rank 0 draw one and broadcast it.
+        seed: int seed shared by all ranks; ``None`` lets rank 0 draw one, broadcast at the
+            first ``iter()`` or ``state_dict()`` (a collective: call those on every rank).
         drop_last: cut the tail so that every rank gets ``floor(n / W)`` samples.
         pad: with ``drop_last=False``, pad by wrapping around so every rank gets
             ``ceil(n / W)`` samples (torch's behaviour); ``pad=False`` gives an exact partition
             with no duplicate (ranks differ by at most one sample), for evaluation.
+        backend: the backend for the defaults and the ``seed=None`` broadcast.
 
-    Call :meth:`set_epoch` at the start of every epoch, or every epoch has the same order.
-    Report consumption with :meth:`record` to make :meth:`state_dict` mid-epoch exact.
+    Call ``set_epoch(epoch)`` before every epoch, or every epoch has the same order.
+    ``state_dict()`` is the position of the current iterator (what it has yielded), so it
+    resumes exactly under torchdata's ``StatefulDataLoader`` and ``SamplerWrapper``, and in a
+    plain ``DataLoader`` loop with ``num_workers=0`` (with workers, torch's DataLoader reads
+    indices ahead of the batches it hands out: use ``StatefulDataLoader`` or
+    :class:`horovod_iter.DistributedLoader`).
 
     Example:
         >>> sampler = DistributedSampler(dataset, seed=42)
@@ -97,7 +158,8 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         ...     sampler.set_epoch(epoch)
         ...     for batch in loader:
         ...         train_step(batch)
-        ...         sampler.record(len(batch))   # only needed for mid-epoch checkpoints
+        ...         if time_to_checkpoint:
+        ...             torch.save({"sampler": sampler.state_dict()}, path)
 
     Raises:
         TypeError/ValueError: on a bad argument, naming it and the valid range.
@@ -105,176 +167,119 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
 
     def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int | None = 0, drop_last: bool = False, *,
-                 pad: bool = True) -> None:
+                 pad: bool = True, backend: _backend.Backend | None = None) -> None:
+        self.dataset = dataset
         self.n = _dataset_length(dataset)
         if num_replicas is None or rank is None:
-            b = _backend.get_backend()
+            b = backend or _backend.get_backend()
             num_replicas = b.size if num_replicas is None else num_replicas
             rank = b.rank if rank is None else rank
-        if not _is_int(num_replicas) or num_replicas < 1:
-            raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
-        if not _is_int(rank) or not 0 <= rank < num_replicas:
-            raise ValueError(
-                f"Invalid rank {rank!r}, rank should be in the interval [0, {num_replicas - 1}]"
-            )
+        self.num_replicas, self.rank = _check_world(num_replicas, rank)
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("pad", pad)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
+        if seed is not None and not is_int(seed):
+            raise TypeError(f"seed must be an int (or None to draw one on rank 0), got {seed!r}")
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.pad = bool(pad)
+        self._backend = backend
+        self._seed: int | None = None if seed is None else int(seed)
         self._seed_from_broadcast = seed is None
-        if seed is None:
-            drawn = random.SystemRandom().randrange(2**63)
-            seed = _backend.get_backend().broadcast_object(drawn, root=0)
-        if not _is_int(seed):
-            raise TypeError(f"seed must be an int (or None to draw one on rank 0), got {seed!r}")
-        self.seed = int(seed)
         self.epoch = 0
-        self._start = 0  # first not-consumed position of the epoch's order (segment start)
-        self._slots = 0  # slots consumed per rank in the current segment
-        # True after loading a state saved at the very end of an epoch: the next iteration
-        # yields the (empty) rest instead of starting the epoch over.
-        self._hold_finished = False
+        self._pending: Cursor | None = None   # what the next iter() resumes (after a load)
+        self._current: Cursor | None = None   # the latest pass of this epoch
 
-    # ---- layout of the current segment -------------------------------------------------
-    def _remaining(self) -> int:
-        return self.n - self._start
+    # ---- the plan -------------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        """The seed (with ``seed=None``, rank 0's draw, broadcast on first use)."""
+        if self._seed is None:
+            drawn = random.SystemRandom().randrange(2**63)
+            b = self._backend or _backend.get_backend()
+            self._seed = int(b.broadcast_object(drawn, root=0))
+        return self._seed
 
-    def _total(self, remaining: int | None = None) -> int:
-        """Schedule positions in the current segment (or one of ``remaining`` samples)."""
-        r = self._remaining() if remaining is None else remaining
-        w = self.num_replicas
-        if self.drop_last:
-            return (r // w) * w
-        return math.ceil(r / w) * w if self.pad else r
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The whole plan of ``epoch`` (default: the current one) on this rank. Pure."""
+        return EpochPlan(self.n, self.num_replicas, self.rank, 0 if self._seed is None
+                         else self._seed, self.epoch if epoch is None else epoch,
+                         self.shuffle, self.pad, self.drop_last)
 
-    def _rank_count(self) -> int:
-        """Slots this rank has in the current segment."""
-        total, w = self._total(), self.num_replicas
-        return max(0, (total - self.rank + w - 1) // w)
+    def begin_iteration(self) -> Cursor:
+        """Start a pass: the loaded position if a load is pending, else the epoch's beginning.
 
-    def _consumed_positions(self) -> int:
-        return min(self._slots * self.num_replicas, self._total())
+        The returned cursor becomes the one :meth:`state_dict` describes; advance it as
+        samples are handed out. ``iter()`` calls this; so does the loader.
+        """
+        self.seed  # noqa: B018 - resolves a seed=None broadcast on every rank alike
+        cursor, self._pending = self._pending, None
+        if cursor is None:
+            cursor = Cursor(self.plan())
+        self._current = cursor
+        return cursor
 
-    def _finished(self) -> bool:
-        return self._consumed_positions() >= self._total() and self._slots >= self._rank_count()
-
-    def _begin(self) -> int:
-        """Start an iteration: the first slot to yield. A finished epoch starts over, as
-        torch's sampler repeats an epoch, unless it was just loaded finished from a state."""
-        if self._finished():
-            if self._hold_finished:
-                self._hold_finished = False
-            else:
-                self._start, self._slots = 0, 0
-        return self._slots
-
-    def indices(self, start: int, stop: int) -> np.ndarray:
-        """This rank's dataset indices for slots ``[start, stop)`` of the current segment,
-        as an int64 array (clipped to the rank's slot count). O(stop - start)."""
-        stop = min(stop, self._rank_count())
-        if stop <= start:
-            return np.empty(0, dtype=np.int64)
-        q = self.rank + self.num_replicas * np.arange(start, stop, dtype=np.int64)
-        remaining = self._remaining()
-        if q[-1] >= remaining:  # padding wraps around to the segment's first samples
-            q %= remaining
-        positions = q + self._start
-        if not self.shuffle:
-            return positions
-        return permute(positions, self.n, self.seed, self.epoch)
+    def _position(self) -> Cursor:
+        return self._pending or self._current or Cursor(self.plan())
 
     # ---- torch Sampler protocol ----------------------------------------------------------
     def __iter__(self) -> Iterator[int]:
-        slot = self._begin()
-        stop = self._rank_count()
-        chunk = 256  # small first chunk: the first index comes in microseconds
-        while slot < stop:
-            end = min(stop, slot + chunk)
-            yield from self.indices(slot, end).tolist()
-            slot = end
-            chunk = min(chunk * 4, _CHUNK)
+        return _SamplerIterator(self.begin_iteration())
 
     def __len__(self) -> int:
-        """Number of indices the next ``iter()`` yields (torch's ``num_samples`` when fresh)."""
-        return self.rank_lengths()[self.rank]
-
-    def rank_lengths(self) -> list[int]:
-        """Number of indices the next ``iter()`` yields on each rank (computed locally)."""
-        start, slots = self._start, self._slots
-        if self._finished() and not self._hold_finished:
-            start, slots = 0, 0
-        total, w = self._total(self.n - start), self.num_replicas
-        return [max(0, (total - r + w - 1) // w - slots) for r in range(w)]
+        """Indices a full pass of the current epoch yields on this rank (torch's)."""
+        return self.num_samples
 
     @property
     def num_samples(self) -> int:
         """Samples this rank yields in a full epoch (torch's attribute)."""
-        w = self.num_replicas
-        return max(0, (self.total_size - self.rank + w - 1) // w)
+        return self.plan().count()
 
     @property
     def total_size(self) -> int:
         """Schedule positions over all ranks in a full epoch (torch's attribute)."""
-        w, n = self.num_replicas, self.n
-        if self.drop_last:
-            return (n // w) * w
-        return math.ceil(n / w) * w if self.pad else n
+        return self.plan().total
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order. A new epoch starts from its beginning; setting the epoch
-        the sampler is already in keeps its progress (so a resumed run may call it freely)."""
-        if not _is_int(epoch) or epoch < 0:
+        """Select the epoch of the next ``iter()`` (a pass in flight keeps its own).
+
+        Setting the epoch a pending load is in keeps it (a resumed trainer calls
+        ``set_epoch(saved_epoch)``); another epoch discards it and starts that one afresh.
+        """
+        if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
-            self._start, self._slots = 0, 0
-            self._hold_finished = False
+            self._pending = self._current = None
 
-    def record(self, num_samples: int) -> None:
-        """Report that each rank consumed ``num_samples`` more slots of the current iteration.
-
-        Call it with the *nominal* per-rank batch size for every batch handed to the trainer,
-        on every rank alike (also for a short or empty last batch); never for prefetched
-        batches. :class:`horovod_iter.DistributedLoader` does this for you.
-        """
-        if not _is_int(num_samples) or num_samples < 0:
-            raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
-        self._slots = min(self._slots + int(num_samples), self._rank_count_max())
-
-    def _rank_count_max(self) -> int:
-        return math.ceil(self._total() / self.num_replicas)
+    def set_world(self, num_replicas: int, rank: int) -> None:
+        """Move to another world size keeping the epoch's progress: the next ``iter()``
+        resumes the rest of the epoch laid out over ``num_replicas`` ranks (a load)."""
+        num_replicas, rank = _check_world(num_replicas, rank)
+        state = self.state_dict()
+        self.num_replicas, self.rank = num_replicas, rank
+        self.load_state_dict(state)
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """A small JSON-serialisable dict: the position as of the last :meth:`record`."""
-        consumed = self._consumed_positions()
+        """A small JSON-serialisable dict: the current iterator's position (or a pending load,
+        or the epoch's beginning). The same on every rank; changes nothing."""
+        c = self._position()
+        p = c.plan
         return {
-            _TYPE: _STATE_TYPE,
-            _VERSION: _STATE_VERSION,
-            _N: self.n,
-            _SEED: self.seed,
-            _EPOCH: self.epoch,
-            _SHUFFLE: self.shuffle,
-            _PAD: self.pad,
-            _DROP_LAST: self.drop_last,
-            _WORLD: self.num_replicas,
-            _START: self._start,
-            _CONSUMED: consumed,
-            _SAMPLES_CONSUMED: self._start + min(consumed, self._remaining()),
+            _TYPE: _STATE_TYPE, _VERSION: _STATE_VERSION, _N: p.n, _SEED: self.seed,
+            _EPOCH: p.epoch, _SHUFFLE: p.shuffle, _PAD: p.pad, _DROP_LAST: p.drop_last,
+            _WORLD: p.world, _START: p.start, _CONSUMED: p.consumed(c.slot),
+            _SAMPLES_CONSUMED: p.done(c.slot),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume exactly where ``state`` was saved, in O(1).
+        """Make the next ``iter()`` resume exactly where ``state`` was saved, in O(1).
 
-        At the same world size the rest of the epoch is exactly what the saving run would
-        have yielded next. At another world size the epoch's unconsumed samples are laid out
+        At the same world size and padding the rest of the epoch is exactly what the saving
+        run would have yielded next. Otherwise the epoch's unconsumed samples are laid out
         anew over this sampler's ranks: none repeated, none lost. A sampler built with
-        ``seed=None`` adopts the saved seed; otherwise seed, length, shuffle, pad and
-        drop_last must match.
+        ``seed=None`` adopts the saved seed; otherwise seed, length and shuffle must match.
         """
         s = _validate_state(state)
         if s[_N] != self.n:
@@ -282,54 +287,40 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
                 f"sampler state was saved for a dataset of length {s[_N]}, but this sampler has "
                 f"length {self.n}; load it into a sampler over the same dataset"
             )
-        if s[_SEED] != self.seed and not self._seed_from_broadcast:
+        if not self._seed_from_broadcast and s[_SEED] != self._seed:
             raise ValueError(
                 f"sampler state was saved with seed={s[_SEED]}, but this sampler has "
-                f"seed={self.seed}; construct it with seed={s[_SEED]} (or seed=None to adopt it)"
+                f"seed={self._seed}; construct it with seed={s[_SEED]} (or seed=None to adopt it)"
             )
-        for key in _BOOL_KEYS:
-            if s[key] != getattr(self, key):
-                raise ValueError(
-                    f"sampler state was saved with {key}={s[key]}, but this sampler has "
-                    f"{key}={getattr(self, key)}; construct it with {key}={s[key]}"
-                )
-        self.seed = s[_SEED]
-        self.epoch = s[_EPOCH]
-        self._start = s[_START]
-        saved_world = s[_WORLD]
-        # the saved segment's layout, to validate and interpret "consumed"
-        rem = self.n - s[_START]
-        if self.drop_last:
-            saved_total = (rem // saved_world) * saved_world
-        else:
-            saved_total = math.ceil(rem / saved_world) * saved_world if self.pad else rem
-        if s[_CONSUMED] > saved_total:
+        if s[_SHUFFLE] != self.shuffle:
+            raise ValueError(
+                f"sampler state was saved with shuffle={s[_SHUFFLE]}, but this sampler has "
+                f"shuffle={self.shuffle}; construct it with shuffle={s[_SHUFFLE]}"
+            )
+        saved = EpochPlan(s[_N], s[_WORLD], 0, s[_SEED], s[_EPOCH], s[_SHUFFLE], s[_PAD],
+                          s[_DROP_LAST], s[_START])
+        if s[_CONSUMED] > saved.total:
             raise ValueError(
                 f"invalid sampler state: consumed={s[_CONSUMED]} exceeds the segment's "
-                f"{saved_total} positions at world_size={saved_world}"
+                f"{saved.total} positions at world_size={s[_WORLD]}"
             )
-        if saved_world == self.num_replicas:
-            self._slots = -(-s[_CONSUMED] // saved_world)
-        else:  # elastic: the unconsumed samples form a new segment over this world size
-            self._start = s[_START] + min(s[_CONSUMED], rem)
-            self._slots = 0
-        self._hold_finished = self._finished() and (s[_CONSUMED] > 0 or s[_START] > 0)
-
-    def set_world(self, num_replicas: int, rank: int) -> None:
-        """Move to another world size keeping the epoch's progress (Horovod elastic resets)."""
-        state = self.state_dict()
-        if not _is_int(num_replicas) or num_replicas < 1:
-            raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
-        if not _is_int(rank) or not 0 <= rank < num_replicas:
-            raise ValueError(
-                f"Invalid rank {rank!r}, rank should be in the interval [0, {num_replicas - 1}]"
-            )
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
-        self.load_state_dict(state)
+        self._seed = s[_SEED]
+        self.epoch = s[_EPOCH]
+        if (saved.world, saved.pad, saved.drop_last) == (self.num_replicas, self.pad,
+                                                          self.drop_last):
+            plan = EpochPlan(self.n, self.num_replicas, self.rank, s[_SEED], s[_EPOCH],
+                             self.shuffle, self.pad, self.drop_last, s[_START])
+            cursor = Cursor(plan, -(-s[_CONSUMED] // self.num_replicas))
+        else:  # another layout: the unconsumed samples form a new segment
+            slots = -(-s[_CONSUMED] // saved.world)
+            cursor = Cursor(saved.resegment(slots, world=self.num_replicas, rank=self.rank,
+                                            pad=self.pad, drop_last=self.drop_last))
+        self._pending = cursor
+        self._current = None
 
     def __repr__(self) -> str:
         return (f"DistributedSampler(n={self.n}, num_replicas={self.num_replicas}, "
-                f"rank={self.rank}, shuffle={self.shuffle}, seed={self.seed}, "
+                f"rank={self.rank}, shuffle={self.shuffle}, seed={self._seed}, "
                 f"epoch={self.epoch}, drop_last={self.drop_last}, pad={self.pad})")
 
 
@@ -352,7 +343,7 @@ def _validate_state(state: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in (*_INT_KEYS, _SEED):
         v = state.get(key)
-        if not _is_int(v):
+        if not is_int(v):
             raise ValueError(f"invalid sampler state: {key!r} must be an int, got {v!r}")
         out[key] = int(v)  # type: ignore[arg-type]
     for key in _BOOL_KEYS:

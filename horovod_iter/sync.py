@@ -25,45 +25,25 @@ hand out, and ``close()`` waits for those in flight - nothing is left half-issue
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-import numpy as np
 import torch
 
+from ._tree import ErrorBox, empty_like
 from .backend import AsyncHandle, Backend
-from .errors import ConfigMismatchError, DataTimeoutError, UnevenDataError
+from .errors import ConfigMismatchError, RankFailureError, SampleError, UnevenDataError
 
-__all__ = ["UNEVEN", "EndOfDataSync", "check_same_config", "empty_like_batch"]
+__all__ = ["UNEVEN", "EndOfDataSync", "Uneven", "check_same_config"]
 
 log = logging.getLogger("horovod_iter")
 
-UNEVEN = ("stop", "pad", "error")
-
-
-def empty_like_batch(batch: Any) -> Any:
-    """The same structure with zero rows: tensors and arrays sliced to ``[:0]``, lists of
-    per-sample values emptied, other leaves kept."""
-    if isinstance(batch, (torch.Tensor, np.ndarray)):
-        return batch[:0]
-    if isinstance(batch, Mapping):
-        return type(batch)({k: empty_like_batch(v) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(empty_like_batch(v) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        containers = (torch.Tensor, np.ndarray, Mapping, list, tuple)
-        if batch and all(isinstance(v, containers) for v in batch):
-            return type(batch)(empty_like_batch(v) for v in batch)
-        return type(batch)()  # a list of per-sample values (strings, ints): no rows
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(batch, **{f.name: empty_like_batch(getattr(batch, f.name))
-                                             for f in dataclasses.fields(batch) if f.init})
-    return batch
+Uneven = Literal["stop", "pad", "error"]
+UNEVEN: tuple[Uneven, ...] = ("stop", "pad", "error")
 
 
 def _fingerprint(config: Mapping[str, Any]) -> int:
@@ -99,13 +79,6 @@ def check_same_config(backend: Backend, config: Mapping[str, Any], timeout: floa
     )
 
 
-class _Failed:
-    """The source raised while looking ahead; delivered when its step comes."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
 class EndOfDataSync:
     """Iterate ``source`` in lockstep with the other ranks (see the module docstring).
 
@@ -127,7 +100,7 @@ class EndOfDataSync:
             Without ``num_batches`` it holds that many batches.
     """
 
-    def __init__(self, source: Iterator[Any], backend: Backend, uneven: str = "stop",
+    def __init__(self, source: Iterator[Any], backend: Backend, uneven: Uneven = "stop",
                  timeout: float | None = 300.0, name: str = "horovod_iter.eod",
                  empty: Callable[[], Any] | None = None, num_batches: int | None = None,
                  chunk: int = 1, lookahead: int = 2) -> None:
@@ -151,8 +124,8 @@ class EndOfDataSync:
         self._issued = 0    # flags of steps < _issued are allreduced (or in flight)
         self._chunks: collections.deque[tuple[int, AsyncHandle]] = collections.deque()
         self._totals: dict[int, int] = {}    # step -> ranks with data, for waited chunks
-        # pulled ahead (unknown length): (has batch, batch) or _Failed, steps _step.._issued-1
-        self._pulled: collections.deque[tuple[bool, Any] | _Failed] = collections.deque()
+        # pulled ahead (unknown length): (has batch, batch) or ErrorBox, steps _step.._issued-1
+        self._pulled: collections.deque[tuple[bool, Any] | ErrorBox] = collections.deque()
         self._failed = False
         self._done = False
         #: seconds spent waiting for the end-of-data allreduce
@@ -183,14 +156,14 @@ class EndOfDataSync:
                 entry = self._pull()
             except Exception as e:  # no flag for this step: the others will time out
                 self._failed = True
-                self._pulled.append(_Failed(e))
+                self._pulled.append(ErrorBox(e))
                 return
             self._pulled.append(entry)
             flags = [1 if entry[0] else 0]
         try:
             handle = self.backend.allreduce_async(torch.tensor(flags, dtype=torch.int32),
                                                   "sum", name=f"{self.name}.{first}")
-        except DataTimeoutError as e:  # a rank died: say where we were
+        except RankFailureError as e:  # a rank died: say where we were
             self._finish()
             self._chunks.clear()
             e.args = (f"{e} (while sending the end-of-data flags of step {first}"
@@ -212,7 +185,7 @@ class EndOfDataSync:
                 sums = handle.wait(
                     self.timeout, what=f"the other ranks' end-of-data flags of step {step} "
                     f"(this rank {'has' if has else 'has no'} batch)")
-            except DataTimeoutError:
+            except RankFailureError:
                 self._finish()
                 self._chunks.clear()  # the ranks are out of step: nothing more to wait for
                 raise
@@ -232,9 +205,9 @@ class EndOfDataSync:
         step, size = self._step, self.backend.size
         if self.num_batches is None:
             entry = self._pulled.popleft()
-            if isinstance(entry, _Failed):
+            if isinstance(entry, ErrorBox):
                 self._finish()
-                raise entry.error
+                entry.reraise()
             has, batch = entry
         else:
             has, batch = step < self.num_batches, None
@@ -243,20 +216,23 @@ class EndOfDataSync:
             has, batch = self._pull()
             if not has:
                 self._finish()
-                raise RuntimeError(
+                raise SampleError(
                     f"rank {self.backend.rank}: expected {self.num_batches} batches but the "
-                    f"source ended after {step}; the dataset's length changed during the epoch?"
+                    f"source ended after {step}; did the dataset's length change during the "
+                    "epoch, or does the sampler yield fewer indices than its len()?"
                 )
         if total == size:
             out = batch
         elif total == 0:
             self._finish()
+            self._confirm_end(step)
             raise StopIteration
         elif self.uneven == "stop":
             if has:
                 log.debug("rank %d: stopping at step %d; %d of %d ranks have data",
                           self.backend.rank, step, total, size)
             self._finish()
+            self._confirm_end(step)
             raise StopIteration
         elif self.uneven == "error":
             self._finish()
@@ -275,12 +251,32 @@ class EndOfDataSync:
         self._fill()  # the next flags travel while the consumer works on this batch
         return out
 
+    def _confirm_end(self, step: int) -> None:
+        """One collective per pass: every rank ended at ``step``. The flags travel ahead of the
+        steps, so a rank that stalls early would otherwise go unnoticed by the others until
+        their next collective, possibly after the epoch (and the job) ended."""
+        if self.backend.size == 1:
+            return
+        t0 = time.perf_counter()
+        try:
+            both = self.backend.allreduce_async(
+                torch.tensor([step, -step], dtype=torch.int64), "min",
+                name=f"{self.name}.end").wait(
+                self.timeout, what=f"the other ranks to reach the end of data at step {step}")
+        finally:
+            self.wait_s += time.perf_counter() - t0
+        if int(both[0]) != step or -int(both[1]) != step:
+            raise RankFailureError(
+                f"rank {self.backend.rank}: the ranks ended the pass at different steps "
+                f"({int(both[0])} to {-int(both[1])}, this rank {step}); iterate the loader on "
+                "every rank alike")
+
     def _empty_batch(self, step: int) -> Any:
         if self._template is not None:
-            return empty_like_batch(self._template)
+            return empty_like(self._template)
         if self._empty is not None:
             self._template = self._empty()
-            return empty_like_batch(self._template)
+            return empty_like(self._template)
         self._finish()
         raise UnevenDataError(
             f"rank {self.backend.rank}: uneven='pad' needs one batch to learn the batch "

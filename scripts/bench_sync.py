@@ -36,7 +36,7 @@ def worker(steps: int, step_s: float, repeats: int, busy: bool) -> None:
     import torch
 
     import horovod_iter as hi
-    from horovod_iter.loader import _CHUNK
+    from horovod_iter.iterator import FLAGS_PER_ALLREDUCE as _CHUNK
     from horovod_iter.sync import EndOfDataSync
 
     b = hi.init()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import horovod_iter as hi
-from horovod_iter.fetch import SampleError
+from horovod_iter import SampleError
 
 N = 13
 
@@ -189,7 +189,7 @@ def test_fuzz_load_state_dict_random(state):
     _check_load(state)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", "2", None])
 def test_other_state_versions_refused(version):
     state = _valid_state()
     bad = copy.deepcopy(state)

@@ -53,10 +53,10 @@ def test_no_progress_no_output(capsys, caplog):
 
 def test_elastic_handlers_registered_in_horovods_registry():
     state = pytest.importorskip("horovod.torch.elastic.state")
-    from horovod_iter import elastic
+    from horovod_iter.integrations import horovod_elastic
 
-    assert elastic.register()
-    assert elastic.register()  # idempotent
+    horovod_elastic.register()
+    horovod_elastic.register()  # idempotent
     types = [t for t, _ in state.get_handler_registry()]
     assert types.count(hi.DistributedLoader) == 1 and types.count(hi.DistributedSampler) == 1
     loader = hi.DistributedLoader(tds(), batch_size=8, shuffle=False)

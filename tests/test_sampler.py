@@ -118,6 +118,12 @@ def test_all_orders_of_a_small_set_are_equally_likely():
     assert all(850 < c < 1150 for c in counts.values()), counts
 
 
+def take(sampler, k):
+    """Iterate ``k`` indices of a new pass (as a DataLoader loop would), leave it open."""
+    it = iter(sampler)
+    return [next(it) for _ in range(k)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 300), w=worlds, drop_last=st.booleans(), pad=st.booleans(),
        seed=st.integers(0, 99), epoch=st.integers(0, 5), batch=st.integers(1, 7),
@@ -127,66 +133,97 @@ def test_resume_equals_uninterrupted(n, w, drop_last, pad, seed, epoch, batch, d
     for s in full:
         s.set_epoch(epoch)
     expected = [list(s) for s in full]
-    steps = max(len(x) for x in expected) // batch + 1
-    k = data.draw(st.integers(0, steps))
+    k = data.draw(st.integers(0, min(map(len, expected)) // batch))
     savers = ours(n, w, seed=seed, drop_last=drop_last, pad=pad)
-    for s in savers:
+    for r, s in enumerate(savers):
         s.set_epoch(epoch)
-        for _ in range(k):
-            s.record(batch)
+        assert take(s, k * batch) == expected[r][: k * batch]
     states = [json.loads(json.dumps(s.state_dict())) for s in savers]
     assert all(st_ == states[0] for st_ in states), "state must be identical on every rank"
     resumed = ours(n, w, seed=seed, drop_last=drop_last, pad=pad)
     for r, s in enumerate(resumed):
         s.load_state_dict(states[0])
-        s.set_epoch(epoch)  # a resumed trainer calls this too: must keep the progress
-        rest = expected[r][k * batch:]
-        if rest:
-            assert list(s) == rest
-            assert len(s) == len(rest)
+        s.set_epoch(epoch)  # a resumed trainer calls this too: must keep the load
+        assert list(s) == expected[r][k * batch:]
+        assert len(s) == len(expected[r])  # len() is always the full pass (torch's)
+        assert list(s) == expected[r]  # the iteration after the resumed one starts over
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(0, 300), w=worlds, w2=worlds, pad=st.booleans(), seed=st.integers(0, 99),
-       batch=st.integers(1, 7), data=st.data())
-def test_elastic_resume_exactly_once(n, w, w2, pad, seed, batch, data):
+@given(n=st.integers(0, 300), w=worlds, w2=worlds, pad=st.booleans(), pad2=st.booleans(),
+       seed=st.integers(0, 99), batch=st.integers(1, 7), data=st.data())
+def test_elastic_resume_exactly_once(n, w, w2, pad, pad2, seed, batch, data):
     before = ours(n, w, seed=seed, pad=pad)
-    lists = [list(s) for s in before]
-    k = data.draw(st.integers(0, max(map(len, lists)) // batch))
-    consumed = [i for x in lists for i in x[: k * batch]]
-    for s in before:
-        s.record(k * batch)
+    lists = [list(s) for s in ours(n, w, seed=seed, pad=pad)]
+    k = data.draw(st.integers(0, min(map(len, lists)) // batch))
+    consumed = [i for s in before for i in take(s, k * batch)]
     state = before[0].state_dict()
-    after = ours(n, w2, seed=seed, pad=pad)
+    after = ours(n, w2, seed=seed, pad=pad2)
     rest = []
     for s in after:
         s.load_state_dict(state)
         rest += list(s)
-    if not pad:  # exact partition: every sample exactly once over the whole epoch
-        assert sorted(consumed + rest) == list(range(n))
-    elif w2 != w and k * batch * w <= n:  # resized before the padding: nothing repeated, lost
-        assert set(consumed).isdisjoint(rest)
-        assert sorted(set(consumed) | set(rest)) == list(range(n))
+    if not pad:
+        # nothing was repeated before the resize: every sample of the epoch exactly once
+        if not pad2 or w2 == w:
+            assert sorted(consumed + rest) == list(range(n))
+        assert set(consumed) | set(rest) == set(range(n))
+    elif k * batch * w <= n:  # stopped before the padding: nothing repeated, nothing lost
         assert len(consumed) == len(set(consumed))
+        assert set(consumed).isdisjoint(rest) or (pad2 and w2 == w)
+        assert set(consumed) | set(rest) == set(range(n))
     # the next epoch is a normal one at the new world size
     for s in after:
         s.set_epoch(1)
     nxt = sorted(i for s in after for i in s)
-    assert nxt == sorted(i for s in ours(n, w2, seed=seed, pad=pad) for i in (s.set_epoch(1) or s))
+    assert nxt == sorted(i for s in ours(n, w2, seed=seed, pad=pad2)
+                         for i in (s.set_epoch(1) or s))
 
 
 def test_set_world_keeps_progress():
     s = hi.DistributedSampler(100, 4, 0, seed=1, pad=False)
-    s.record(10)
+    take(s, 10)
     s.set_world(2, 1)
-    assert s.num_replicas == 2 and len(s) == 30
+    assert s.num_replicas == 2 and len(s) == 50  # len(): a full pass at the new size
+    assert len(list(s)) == 30  # the next iter() resumes the rest: 60 samples over 2 ranks
 
 
-def test_finished_epoch_iterates_again_like_torch():
+def test_every_iter_starts_the_epoch_over_like_torch():
     s = hi.DistributedSampler(10, 2, 0, seed=3)
     first = list(s)
-    s.record(len(first))
     assert list(s) == first and len(s) == 5
+    take(s, 2)  # an aborted pass
+    assert list(s) == first
+
+
+def test_set_epoch_never_changes_a_pass_in_flight():
+    s = hi.DistributedSampler(1000, 1, 0, seed=3)
+    it = iter(s)
+    head = [next(it) for _ in range(500)]
+    s.set_epoch(1)
+    assert sorted(head + list(it)) == list(range(1000))
+    assert list(s) != head + list(range(500))  # the next pass is epoch 1
+
+
+def test_state_dict_follows_the_current_iterator_without_extra_calls():
+    from torch.utils.data import DataLoader
+
+    s = hi.DistributedSampler(100, 1, 0, seed=3)
+    dl = DataLoader(range(100), batch_size=10, sampler=s)
+    full = [x for b in dl for x in b.tolist()]
+    got = []
+    for i, b in enumerate(dl):
+        got += b.tolist()
+        if i == 4:
+            state = s.state_dict()
+            break
+    assert state["samples_consumed"] == 50
+    s2 = hi.DistributedSampler(100, 1, 0, seed=3)
+    s2.load_state_dict(state)
+    got += [x for b in DataLoader(range(100), batch_size=10, sampler=s2) for x in b.tolist()]
+    assert got == full
+    assert not hasattr(s, "record")  # the old manual protocol is gone: nothing to misuse
+    assert s.dataset == 100
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -205,12 +242,12 @@ def test_bad_arguments(kwargs, exc, match):
         hi.DistributedSampler(**args)
 
 
-def test_bad_epoch_and_record():
+def test_bad_epoch_and_world():
     s = hi.DistributedSampler(10, 1, 0)
     with pytest.raises(ValueError, match="epoch must be an int >= 0, got -1"):
         s.set_epoch(-1)
-    with pytest.raises(ValueError, match="num_samples must be an int >= 0"):
-        s.record(-3)
+    with pytest.raises(ValueError, match="Invalid rank 3"):
+        s.set_world(2, 3)
 
 
 def _state(**over):

@@ -108,6 +108,7 @@ try:
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
     out["timeout_error"] = isinstance(e, hi.DataTimeoutError)
+    out["rank_failure"] = isinstance(e, hi.RankFailureError)
 out["t_end"] = time.time()
 report(out)
 sys.stdout.flush()

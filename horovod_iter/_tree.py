@@ -1,0 +1,121 @@
+"""The one walk over nested batches, and the one box for an error raised elsewhere.
+
+Batches may be any nesting of tensors in dicts (and other mappings), lists, tuples,
+namedtuples and dataclasses; other leaves (strings, ints, None) pass through. Mutable mappings
+are copied and updated, so subclass state survives (torch's ``pin_memory`` does the same).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Callable, NoReturn
+
+import numpy as np
+import torch
+
+__all__ = ["ErrorBox", "empty_like", "tree_leaves", "tree_map", "tree_structure"]
+
+
+def _walk(obj: Any, leaf: Callable[[Any], Any], is_leaf: Callable[[Any], bool]) -> Any:
+    if is_leaf(obj):
+        return leaf(obj)
+    if isinstance(obj, (str, bytes)):
+        return obj
+    if isinstance(obj, Mapping):
+        items = {k: _walk(v, leaf, is_leaf) for k, v in obj.items()}
+        if isinstance(obj, MutableMapping):
+            try:
+                clone = copy.copy(obj)
+                clone.update(items)
+                return clone
+            except Exception:  # an odd mapping: a plain dict keeps the data
+                return items
+        try:
+            return type(obj)(items)  # type: ignore[call-arg]
+        except TypeError:
+            return items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_walk(v, leaf, is_leaf) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_walk(v, leaf, is_leaf) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _walk(getattr(obj, f.name), leaf, is_leaf)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """Apply ``fn`` to every tensor in a nested batch, keeping its structure."""
+    return _walk(obj, fn, _is_tensor)
+
+
+def tree_leaves(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a nested batch, in walk order."""
+    found: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        found.append(t)
+        return t
+
+    _walk(obj, keep, _is_tensor)
+    return found
+
+
+def _describe(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("Tensor", tuple(x.shape), str(x.dtype))
+    if isinstance(x, np.ndarray):
+        return ("ndarray", x.shape, str(x.dtype))
+    return type(x).__name__
+
+
+def _is_container(x: Any) -> bool:
+    return (isinstance(x, (Mapping, list, tuple)) and not isinstance(x, (str, bytes))) or (
+        dataclasses.is_dataclass(x) and not isinstance(x, type))
+
+
+def tree_structure(obj: Any) -> Any:
+    """A comparable description of a sample: its containers, with tensor and array leaves
+    described by shape and dtype and other leaves by type (equal iff they collate alike)."""
+    return _walk(obj, _describe, lambda x: not _is_container(x))
+
+
+def _per_sample_list(x: Any) -> bool:
+    """A list/tuple of per-sample values (strings, ints, ...), which an empty batch empties."""
+    containers = (torch.Tensor, np.ndarray, Mapping, list, tuple)
+    return (isinstance(x, (list, tuple)) and not hasattr(x, "_fields")
+            and not (x and all(isinstance(v, containers) for v in x))
+            and not dataclasses.is_dataclass(x))
+
+
+def _empty_leaf(x: Any) -> Any:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        # rows sliced away; a 0-dim leaf (a token count, a scalar weight) has no rows: zeroed
+        return x[:0] if x.ndim else (torch.zeros_like(x) if isinstance(x, torch.Tensor)
+                                     else np.zeros_like(x))
+    return type(x)()
+
+
+def empty_like(batch: Any) -> Any:
+    """The same structure with zero rows: tensors and arrays sliced to ``[:0]`` (0-dim ones
+    zeroed), lists of per-sample values emptied, other leaves kept."""
+    return _walk(batch, _empty_leaf,
+                 lambda x: isinstance(x, (torch.Tensor, np.ndarray)) or _per_sample_list(x))
+
+
+class ErrorBox:
+    """An exception raised in another thread, process or look-ahead step, carried as a value
+    to be re-raised where (and when) its step is handed out."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def reraise(self) -> NoReturn:
+        raise self.exc

@@ -1,0 +1,209 @@
+"""DistributedIterator: one pass of a :class:`~horovod_iter.DistributedLoader`, composing
+``HostSource -> EndOfDataSync -> CudaPrefetcher`` and counting what it hands to the user.
+
+Shutdown: ``close()`` (also by ``with``, a finished loop, or the next ``iter(loader)``) waits
+briefly for the end-of-data allreduces in flight, so no collective is left half-issued, and
+stops DataLoader workers. ``__del__`` only drops things: garbage collection can run on any
+thread at any time, including in a collective, so it never waits on other ranks or joins a
+thread (torch guards its DataLoader iterators the same way), and does nothing at all once the
+interpreter is exiting.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from . import backend as _backend
+from .errors import OutOfRangeError
+from .fetch import BatchFetcher, HostSource
+from .prefetch import CudaPrefetcher
+from .progress import Progress, format_stats
+from .sampler import Cursor
+from .sync import EndOfDataSync, check_same_config
+
+if TYPE_CHECKING:
+    from .loader import DistributedLoader
+
+__all__ = ["DistributedIterator", "Pass"]
+
+log = logging.getLogger("horovod_iter")
+
+# Steps per end-of-data allreduce when every rank's batch count is known. Issuing a collective
+# costs far more than checking a flag (~0.6 ms on a busy 2-core host), so few, large chunks;
+# the flags are computed, not fetched, so travelling 2 chunks ahead costs no memory. A stalled
+# rank is still noticed: the pass ends with a confirmation collective.
+FLAGS_PER_ALLREDUCE = 64
+
+
+@dataclass
+class Pass:
+    """The position of one pass, as handed to the user: batches and samples of this epoch,
+    and (our sampler) the slot cursor. It outlives its iterator: ``state_dict()`` reads it."""
+
+    epoch: int
+    batch_size: int
+    world: int
+    steps: int = 0
+    samples: int = 0
+    finished: bool = False
+    cursor: Cursor | None = None
+
+    def handed(self) -> None:
+        self.steps += 1
+        self.samples += self.batch_size
+        if self.cursor is not None:
+            self.cursor.advance(self.batch_size)
+
+
+def _rows(batch: Any) -> int:
+    """Rows in a batch: the first dimension of its first tensor (1 for a 0-dim one)."""
+    x = batch
+    while True:
+        if isinstance(x, torch.Tensor):
+            return int(x.shape[0]) if x.dim() else 1
+        if isinstance(x, (list, tuple)) and x:
+            x = x[0]
+        elif isinstance(x, dict) and x:
+            x = next(iter(x.values()))
+        else:
+            return 0
+
+
+class DistributedIterator:
+    """One pass over a :class:`DistributedLoader` (create it with ``iter(loader)``).
+
+    ``next()``/``get_next()`` hand out the next batch, already on the loader's device; at the
+    end of data every rank stops at the same step. ``num_steps`` is the number of batches this
+    pass yields when known (for a resumed pass: the rest of the epoch); ``len()`` is the
+    loader's, as torch's DataLoader iterators have it.
+    """
+
+    def __init__(self, loader: DistributedLoader, pass_: Pass, source: HostSource,
+                 name: str) -> None:
+        self._loader = loader
+        self._pass = pass_
+        self._source = source
+        self._closed = False
+        self._t0 = time.perf_counter()
+        self._steps = 0
+        self._samples = 0
+        backend = loader.backend
+        try:
+            check_same_config(backend, loader.config(), loader.timeout, name)
+        except BaseException:
+            source.close()
+            raise
+        self.num_steps: int | None = source.num_batches
+        empty = None
+        if not loader.is_iterable:  # pad: a rank with no batch copies the form of sample 0
+            empty = functools.partial(BatchFetcher(loader.dataset, loader.collate_fn, False,
+                                                   backend.rank), np.zeros(1, dtype=np.int64))
+        known = {"num_batches": source.num_batches, "chunk": FLAGS_PER_ALLREDUCE,
+                 "lookahead": 2 * FLAGS_PER_ALLREDUCE} if source.num_batches is not None \
+            else {"lookahead": 2}
+        self._sync = EndOfDataSync(source, backend, loader.uneven, loader.timeout, name=name,
+                                   empty=empty, **known)
+        self._prefetcher = CudaPrefetcher(self._sync, loader.device, loader.prefetch,
+                                          pin_memory=loader.pin_memory,
+                                          device_transform=loader.device_transform)
+        self._it = iter(self._prefetcher)
+        self._progress = Progress(self.num_steps, f"horovod_iter epoch {pass_.epoch}",
+                                  loader.progress and backend.rank == 0)
+
+    # -- protocol ---------------------------------------------------------------------
+    def __iter__(self) -> DistributedIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._pass.finished = True
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        self._pass.handed()
+        self._steps += 1
+        self._samples += _rows(batch)
+        if self._progress.enabled:
+            self._progress.update()
+        return batch
+
+    def get_next(self) -> Any:
+        """The next batch; raises :class:`OutOfRangeError` at the end of data, at the same
+        step on every rank."""
+        try:
+            return next(self)
+        except StopIteration:
+            raise OutOfRangeError(
+                f"end of data after step {self._pass.steps} "
+                f"(rank {self._loader.backend.rank})") from None
+
+    def get_next_as_optional(self) -> Any | None:
+        """The next batch, or ``None`` at the end of data."""
+        try:
+            return next(self)
+        except StopIteration:
+            return None
+
+    def stats(self) -> dict[str, Any]:
+        """Steps, samples, seconds waiting for data / in the end-of-data check, h2d bytes."""
+        elapsed = time.perf_counter() - self._t0
+        p, s = self._prefetcher, self._sync
+        return {
+            "steps": self._steps, "samples": self._samples, "elapsed_s": elapsed,
+            "data_wait_s": p.wait_s, "input_bound_fraction": p.wait_s / elapsed if elapsed else 0.0,
+            "sync_wait_s": s.wait_s, "h2d_bytes": p.h2d_bytes,
+            "h2d_gbps": p.h2d_bytes / elapsed / 1e9 if elapsed else 0.0,
+            "padded_steps": s.padded_steps,
+        }
+
+    def close(self) -> None:
+        """Release workers, pinned buffers and streams; wait briefly for the end-of-data
+        allreduces in flight (every rank that stopped at the same step issued them).
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            stats = self.stats()
+            self._loader._ended(self)
+            self._progress.close(stats)
+            if self._loader.log_stats:
+                log.debug("rank %d, epoch %d: %s", self._loader.backend.rank, self._pass.epoch,
+                          format_stats(stats))
+            self._prefetcher.close()
+            self._sync.close()
+        finally:
+            self._source.close()
+
+    def abandon(self) -> None:
+        """Close without waiting for the collectives in flight (their world is gone)."""
+        self._sync.abandon()
+        self.close()
+
+    def __enter__(self) -> DistributedIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # the attributes go with the object (DataLoader workers by torch's own finalizer);
+        # only make sure nothing will wait for the collectives in flight
+        if not getattr(self, "_closed", True) and not _backend.exiting():
+            self._closed = True
+            self._sync.abandon()
