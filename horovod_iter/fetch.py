@@ -200,17 +200,21 @@ class HostSource(Iterator[Any]):
 
 def plan_batches(plan: EpochPlan, first: int, batch_size: int,
                  drop_last: bool) -> tuple[Iterator[np.ndarray], int]:
-    """This rank's index batches of a plan from slot ``first``, and their count."""
+    """This rank's index batches of a plan from slot ``first``, and their count. Indices are
+    computed a growing chunk of batches at a time (the permutation is vectorised: one index
+    alone costs as much as thousands), the first chunk small so the first batch comes fast."""
     count = plan.count()
+    if drop_last:
+        count = first + (max(0, count - first) // batch_size) * batch_size
 
     def arrays() -> Iterator[np.ndarray]:
-        slot = first
+        slot, per_chunk = first, 4
         while slot < count:
-            end = min(slot + batch_size, count)
-            if end - slot < batch_size and drop_last:
-                return
-            yield plan.indices(slot, end)
-            slot = end
+            end = min(count, slot + per_chunk * batch_size)
+            chunk = plan.indices(slot, end)
+            for a in range(0, len(chunk), batch_size):
+                yield chunk[a:a + batch_size]
+            slot, per_chunk = end, min(per_chunk * 4, max(1, (1 << 16) // batch_size))
 
     return arrays(), steps_for(count - first, batch_size, drop_last)
 

@@ -25,7 +25,7 @@ from .fetch import BatchFetcher, HostSource
 from .prefetch import CudaPrefetcher
 from .progress import Progress, format_stats
 from .sampler import Cursor
-from .sync import EndOfDataSync, check_same_config
+from .sync import EndOfDataSync
 
 if TYPE_CHECKING:
     from .loader import DistributedLoader
@@ -33,13 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["DistributedIterator", "Pass"]
 
 log = logging.getLogger("horovod_iter")
-
-# Steps per end-of-data allreduce when every rank's batch count is known. Issuing a collective
-# costs far more than checking a flag (~0.6 ms on a busy 2-core host), so few, large chunks;
-# the flags are computed, not fetched, so travelling 2 chunks ahead costs no memory. A stalled
-# rank is still noticed: the pass ends with a confirmation collective.
-FLAGS_PER_ALLREDUCE = 64
-
 
 @dataclass
 class Pass:
@@ -85,7 +78,7 @@ class DistributedIterator:
     """
 
     def __init__(self, loader: DistributedLoader, pass_: Pass, source: HostSource,
-                 name: str) -> None:
+                 serial: int) -> None:
         self._loader = loader
         self._pass = pass_
         self._source = source
@@ -94,21 +87,19 @@ class DistributedIterator:
         self._steps = 0
         self._samples = 0
         backend = loader.backend
-        try:
-            check_same_config(backend, loader.config(), loader.timeout, name)
-        except BaseException:
-            source.close()
-            raise
         self.num_steps: int | None = source.num_batches
         empty = None
         if not loader.is_iterable:  # pad: a rank with no batch copies the form of sample 0
             empty = functools.partial(BatchFetcher(loader.dataset, loader.collate_fn, False,
                                                    backend.rank), np.zeros(1, dtype=np.int64))
-        known = {"num_batches": source.num_batches, "chunk": FLAGS_PER_ALLREDUCE,
-                 "lookahead": 2 * FLAGS_PER_ALLREDUCE} if source.num_batches is not None \
-            else {"lookahead": 2}
-        self._sync = EndOfDataSync(source, backend, loader.uneven, loader.timeout, name=name,
-                                   empty=empty, **known)
+        try:  # its first message is the configuration check
+            self._sync = EndOfDataSync(
+                source, backend, loader.uneven, loader.timeout, name=f"horovod_iter.{loader.id}",
+                ops=loader.messages, serial=serial, config=loader.config(), empty=empty,
+                num_batches=source.num_batches)
+        except BaseException:
+            source.close()
+            raise
         self._prefetcher = CudaPrefetcher(self._sync, loader.device, loader.prefetch,
                                           pin_memory=loader.pin_memory,
                                           device_transform=loader.device_transform)

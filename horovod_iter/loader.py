@@ -33,7 +33,7 @@ from .iterator import DistributedIterator, Pass
 from .plan import steps_for
 from .prefetch import resolve_device
 from .sampler import DistributedSampler, is_int
-from .sync import UNEVEN, Uneven
+from .sync import UNEVEN, MessageCounter, Uneven
 
 __all__ = ["DistributedIterator", "DistributedLoader"]
 
@@ -42,6 +42,7 @@ _STATE_VERSION = 2
 _TYPE, _VERSION, _EPOCH, _STEPS, _WORLD = "type", "version", "epoch", "steps", "world_size"
 _BATCH, _GLOBAL_BATCH, _UNEVEN = "batch_size", "global_batch_size", "uneven"
 _FINISHED, _SAMPLES, _SAMPLER, _ITERATIONS = "finished", "samples", "sampler", "iterations"
+_MESSAGES = "messages"
 _loader_ids = itertools.count()
 
 
@@ -170,7 +171,10 @@ class DistributedLoader:
         self._pending: _Resume | None = None  # set by a load, taken by the next iter()
         self._pass: Pass | None = None       # the latest pass of this epoch
         self._active: weakref.ReferenceType[DistributedIterator] | None = None
-        self._id = next(_loader_ids)
+        #: this loader's number in the process (names its Horovod ops)
+        self.id = next(_loader_ids)
+        #: numbers the end-of-data messages of all its passes
+        self.messages = MessageCounter()
         self._iterations = 0
         self._last_stats: dict[str, Any] = {}
 
@@ -324,8 +328,7 @@ class DistributedLoader:
             source = host_batches(self.dataset, opts, skip=pass_.steps)
         self._pass = pass_
         self._iterations += 1
-        it = DistributedIterator(self, pass_, source, f"horovod_iter.{self._id}."
-                                 f"{self._iterations}")
+        it = DistributedIterator(self, pass_, source, self._iterations)
         self._active = weakref.ref(it)
         return it
 
@@ -376,7 +379,7 @@ class DistributedLoader:
             _FINISHED: p.finished if p else False, _WORLD: world,
             _BATCH: p.batch_size if isinstance(p, Pass) else self.batch_size,
             _GLOBAL_BATCH: self._global_size, _UNEVEN: self.uneven,
-            _ITERATIONS: self._iterations,
+            _ITERATIONS: self._iterations, _MESSAGES: self.messages.value,
             _SAMPLER: None if own is None else own.state_dict(),
         }
 
@@ -409,9 +412,10 @@ class DistributedLoader:
         self.abandon()
         self.epoch = s[_EPOCH]
         self._pass = None
+        # the ranks' pass and message numbers agree again (elastic sync: all load rank 0's)
         self._iterations = max(self._iterations, s[_ITERATIONS])
-        self._pending = _Resume(s[_STEPS] if same_world or own is None else 0,
-                                s[_SAMPLES], s[_FINISHED])
+        self.messages.value = max(self.messages.value, s[_MESSAGES])
+        self._pending = _Resume(s[_STEPS], s[_SAMPLES], s[_FINISHED])
 
     def _ended(self, it: DistributedIterator) -> None:
         """Called by a pass when it closes: keep its figures."""
@@ -440,9 +444,10 @@ def _validate(state: Any) -> dict[str, Any]:
                          f"(expected 1 or {_STATE_VERSION})")
     out = dict(state)
     out.setdefault(_ITERATIONS, 0)
+    out.setdefault(_MESSAGES, 0)
     out.setdefault(_SAMPLES, out.get(_STEPS, 0) * out.get(_BATCH, 0)
                    if is_int(out.get(_STEPS)) and is_int(out.get(_BATCH)) else 0)
-    for key in (_EPOCH, _STEPS, _WORLD, _BATCH, _ITERATIONS, _SAMPLES):
+    for key in (_EPOCH, _STEPS, _WORLD, _BATCH, _ITERATIONS, _MESSAGES, _SAMPLES):
         if not is_int(out.get(key)) or out[key] < 0:
             raise ValueError(f"invalid loader state: {key!r} must be an int >= 0, "
                              f"got {out.get(key)!r}")

@@ -85,15 +85,16 @@ class Cursor:
     :class:`horovod_iter.DistributedLoader` per batch handed to the user (never prefetched).
     """
 
-    __slots__ = ("first", "plan", "slot")
+    __slots__ = ("_end", "first", "plan", "slot")
 
     def __init__(self, plan: EpochPlan, slot: int = 0) -> None:
         self.plan = plan
         self.first = slot
         self.slot = slot
+        self._end = plan.max_count
 
     def advance(self, slots: int) -> None:
-        self.slot = min(self.slot + slots, self.plan.max_count)
+        self.slot = min(self.slot + slots, self._end)
 
     @property
     def left(self) -> int:

@@ -1,31 +1,39 @@
-"""End of data, synchronised by allreduce: all ranks stop (or pad) at the same step.
+"""End of data, agreed by the ranks: all stop (or pad) at the same step, and nothing escapes.
 
-Per step, each rank contributes 1 if it has a batch and 0 if not, and the sum is allreduced:
-``W`` means everyone has data, ``0`` nobody, anything between means the ranks ran out at
-different steps, which ``uneven`` resolves:
+The ranks exchange small *messages*: one ``min``-allreduce of an int64 vector (``_FIELDS``):
+
+* a header - kind, pass serial, step, configuration hash - sent as ``(x, -x)`` pairs, so the
+  result says whether every rank sent the same (min == max). Every collective of a loader has
+  this one shape and name sequence, so when the ranks drift apart (one rank iterating a loader
+  that the others do not, a different configuration) the very next message pairs mismatched
+  headers and every rank in it raises :class:`ConfigMismatchError` at once;
+* what each rank knows of its data: ``known`` (batches it has, counted from the pass start)
+  and ``end`` (its batch count once its data ended). Their min and max tell every rank, from
+  the same messages, the steps at which all ranks have data (``< min known``), at which some
+  rank has none (``>= min end``), and where the last rank ends (``max end``).
+
+Map-style data knows its batch count up front: the first message (sent at ``iter()``, also the
+configuration check) decides the whole pass. Iterable data pulls batches ahead (two periods,
+so the collective's latency is hidden) and reports them every ``every`` steps: up to 64, as
+many as a 256 MB look-ahead holds, the smallest proposal of the ranks. Either way a message
+goes every ``every`` steps as a heartbeat (at most two in flight), and every pass ends with an
+``END`` message that confirms all ranks ended at the same step - so a rank that stalls or dies
+is noticed within ``timeout``, also in an epoch shorter than the heartbeat period. Ranks that run out at different steps are
+resolved by ``uneven``:
 
 * ``"stop"``: every rank stops at the first step at which any rank has no batch;
-* ``"pad"``: ranks that ran out yield empty batches (same structure, zero rows) until all are
-  done - every sample is seen exactly once;
+* ``"pad"``: ranks that ran out yield empty batches (same structure, zero rows; a rank that
+  never had data learns the structure from the others, in one collective) until all are done;
 * ``"error"``: every rank raises :class:`UnevenDataError`.
 
-Two ways to send the flags, both asynchronous so the wait normally finds them complete:
-
-* **known length** (map-style data with our sampler): this rank's batch count is known, so the
-  flag of step ``i`` is just ``i < num_batches``. The flags of ``chunk`` steps travel in one
-  allreduce, issued ``lookahead`` steps ahead of the step handed out: one collective per
-  ``chunk`` steps, and no batch is pulled early for it.
-* **unknown length** (iterable data, user samplers): the flag of step ``i + 1`` needs batch
-  ``i + 1``, so it is pulled and its allreduce issued while the consumer works on step ``i``
-  (``lookahead`` batches held).
-
-Either way every rank issues the same named collectives in the same order for the steps they
-hand out, and ``close()`` waits for those in flight - nothing is left half-issued.
+Every decision is a function of the step and of messages all ranks have completed, so every
+rank issues the same messages in the same order; ``close()`` waits for those in flight.
 """
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -34,276 +42,344 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ._tree import ErrorBox, empty_like
+from ._tree import ErrorBox, empty_like, tree_leaves
 from .backend import AsyncHandle, Backend
 from .errors import ConfigMismatchError, RankFailureError, SampleError, UnevenDataError
 
-__all__ = ["UNEVEN", "EndOfDataSync", "Uneven", "check_same_config"]
+__all__ = ["UNEVEN", "EndOfDataSync", "MessageCounter", "Uneven", "config_hash"]
 
 log = logging.getLogger("horovod_iter")
 
 Uneven = Literal["stop", "pad", "error"]
 UNEVEN: tuple[Uneven, ...] = ("stop", "pad", "error")
+INF = 1 << 62
+_CONFIG, _FLAGS, _END = 1, 2, 3
+_KINDS = {_CONFIG: "the configuration check", _FLAGS: "a heartbeat", _END: "the end of data"}
+# message layout: (x, -x) header pairs, then data fields reduced with min
+_KIND, _SERIAL, _STEP, _HASH = 0, 2, 4, 6
+_KNOWN, _END_AT, _EVERY, _FAILED_AT = 8, 10, 12, 13
+_FIELDS = 14
+_BUDGET_BYTES = 256 << 20   # host memory the iterable look-ahead may hold
+_MAX_EVERY = 64
 
 
-def _fingerprint(config: Mapping[str, Any]) -> int:
+class MessageCounter(Iterator[int]):
+    """Numbers a loader's messages (they name its Horovod ops); ``value`` is the next one."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def __next__(self) -> int:
+        self.value += 1
+        return self.value - 1
+
+
+def config_hash(config: Mapping[str, Any]) -> int:
+    """A 62-bit hash of a JSON-able configuration."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little") >> 2
 
 
-def check_same_config(backend: Backend, config: Mapping[str, Any], timeout: float | None,
-                      name: str) -> None:
-    """Raise :class:`ConfigMismatchError` on every rank if any rank's ``config`` differs.
-
-    One allreduce (min and max of a 63-bit hash) in the common case; only on a mismatch do the
-    ranks gather their configs, to say exactly which field differs where.
-    """
-    if backend.size == 1:
-        return
-    h = _fingerprint(config)
-    both = backend.allreduce_async(torch.tensor([h, -h], dtype=torch.int64), "min",
-                                   name=f"{name}.config").wait(
-        timeout, what="the configuration check at the start of iteration")
-    if int(both[0]) == h and -int(both[1]) == h:
-        return
-    configs = backend.allgather_object(dict(config))
-    diffs = []
-    for key in sorted({k for c in configs for k in c}):
-        values = [c.get(key) for c in configs]
-        if any(v != values[0] for v in values):
-            diffs.append(f"{key}: " + ", ".join(f"rank {r}={v!r}" for r, v in enumerate(values)))
-    raise ConfigMismatchError(
-        f"rank {backend.rank}: the ranks are configured differently, so their data would not "
-        "line up (or their collectives would hang): " + "; ".join(diffs)
-        + ". Build the loader with the same arguments and dataset on every rank."
-    )
-
-
-class EndOfDataSync:
+class EndOfDataSync(Iterator[Any]):
     """Iterate ``source`` in lockstep with the other ranks (see the module docstring).
 
     Args:
-        source: this rank's batches.
+        source: this rank's batches for one pass.
         backend: the ranks to agree with.
         uneven: ``"stop"``, ``"pad"`` or ``"error"``.
-        timeout: seconds to wait for the other ranks at a step before raising
+        timeout: seconds to wait for the other ranks before raising
             :class:`DataTimeoutError` (``None``: forever).
-        name: unique among this process's iterations and the same on every rank (names the
-            Horovod ops).
-        empty: makes the empty batch for ``pad`` when this rank never had a batch to copy the
-            structure from; without it such a rank raises.
-        num_batches: this rank's batch count when it is known up front (map-style data). The
-            flags are then a function of the step: no batch is pulled early, and the flags of
-            ``chunk`` steps travel in one allreduce.
-        chunk: steps per allreduce (needs ``num_batches`` when > 1).
-        lookahead: steps whose flags are in flight ahead of the step being handed out (>= 1).
-            Without ``num_batches`` it holds that many batches.
+        name: names the Horovod ops (with ``ops``); the same on every rank.
+        ops: the loader's message counter, shared by its passes (so that a rank one pass
+            ahead pairs its messages with the others' and the mismatch is seen).
+        serial: this pass's number among the loader's passes, the same on every rank.
+        config: what every rank must agree on; checked by the first message.
+        empty: makes an empty batch for ``pad`` (map-style data) when this rank has none to
+            copy the structure from.
+        num_batches: this rank's batch count, when known up front (map-style data).
+        every: steps between heartbeats (and look-ahead reports).
     """
 
     def __init__(self, source: Iterator[Any], backend: Backend, uneven: Uneven = "stop",
-                 timeout: float | None = 300.0, name: str = "horovod_iter.eod",
+                 timeout: float | None = 300.0, *, name: str = "horovod_iter.eod",
+                 ops: Iterator[int] | None = None, serial: int = 0,
+                 config: Mapping[str, Any] | None = None,
                  empty: Callable[[], Any] | None = None, num_batches: int | None = None,
-                 chunk: int = 1, lookahead: int = 2) -> None:
+                 every: int = _MAX_EVERY) -> None:
         if uneven not in UNEVEN:
             raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
-        if not isinstance(lookahead, int) or lookahead < 1:
-            raise ValueError(f"lookahead must be an int >= 1, got {lookahead!r}")
-        if not isinstance(chunk, int) or chunk < 1 or (chunk > 1 and num_batches is None):
-            raise ValueError(f"chunk must be 1, or an int >= 1 with num_batches; got {chunk!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
         self._source: Iterator[Any] | None = source
         self.backend = backend
         self.uneven = uneven
         self.timeout = timeout
         self.name = name
+        self._ops = ops if ops is not None else itertools.count()
+        self.serial = serial
         self.num_batches = num_batches
-        self.chunk = chunk
-        self.lookahead = lookahead
+        self._config = config
         self._empty = empty
         self._template: Any = None
-        self._step = 0      # the next step to hand out
-        self._issued = 0    # flags of steps < _issued are allreduced (or in flight)
-        self._chunks: collections.deque[tuple[int, AsyncHandle]] = collections.deque()
-        self._totals: dict[int, int] = {}    # step -> ranks with data, for waited chunks
-        # pulled ahead (unknown length): (has batch, batch) or ErrorBox, steps _step.._issued-1
-        self._pulled: collections.deque[tuple[bool, Any] | ErrorBox] = collections.deque()
+        self._step = 0
+        self._buffer: collections.deque[Any] = collections.deque()  # pulled, not handed
+        self._pulled = 0                      # batches pulled (iterable) from the pass start
+        self._ended_at: int | None = num_batches  # this rank's batch count once known
         self._failed = False
+        self._batch_bytes = 0
+        self._inflight: collections.deque[tuple[int, int, AsyncHandle, float]] = \
+            collections.deque()               # (kind, step issued, handle, time issued)
+        # what every rank knows, from completed messages
+        self._all_have = 0        # every rank has data at steps < this
+        self._some_have = 0       # some rank has data at steps < this
+        self._first_end = INF     # some rank has no data from this step on
+        self._last_end = INF      # every rank's data ended by this step (INF: not known)
+        self._first_failed = INF  # some rank's data raised at this step
+        self._every = every if num_batches is not None else 4
+        self._next_issue = 0
+        self._template_shared = False
         self._done = False
-        #: seconds spent waiting for the end-of-data allreduce
+        #: seconds spent waiting for the other ranks
         self.wait_s = 0.0
         #: steps at which this rank yielded an empty (padding) batch
         self.padded_steps = 0
+        self._issue(_CONFIG)      # at iter(): also the configuration check
 
-    # -- this rank's data -----------------------------------------------------------------
-    def _pull(self) -> tuple[bool, Any]:
-        """This rank's next batch, (False, None) at its end."""
-        if self._source is not None:
+    # -- messages -------------------------------------------------------------------------
+    def _lookahead(self) -> int:
+        return 2 * self._every
+
+    def _pull_ahead(self, upto: int) -> None:
+        """Iterable data: pull batches until ``upto`` are known or the data ends."""
+        while self._ended_at is None and self._pulled < upto and self._source is not None:
+            if self._batch_bytes and (upto - self._step) * self._batch_bytes > _BUDGET_BYTES \
+                    and self._pulled > self._step:
+                return
             try:
                 batch = next(self._source)
-                if self._template is None:
-                    self._template = batch
-                return True, batch
             except StopIteration:
+                self._ended_at = self._pulled
                 self._source = None
-        return False, None
-
-    def _issue(self) -> None:
-        """Start the allreduce of the flags of the next ``chunk`` steps."""
-        first = self._issued
-        if self.num_batches is not None:
-            flags = [1 if first + k < self.num_batches else 0 for k in range(self.chunk)]
-        else:
-            try:
-                entry = self._pull()
-            except Exception as e:  # no flag for this step: the others will time out
-                self._failed = True
-                self._pulled.append(ErrorBox(e))
                 return
-            self._pulled.append(entry)
-            flags = [1 if entry[0] else 0]
+            except Exception as e:  # delivered at its step; the others learn we ended there
+                self._buffer.append(ErrorBox(e))
+                self._ended_at, self._failed, self._source = self._pulled, True, None
+                return
+            if self._template is None:
+                self._template = batch
+                self._batch_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(batch))
+            self._buffer.append(batch)
+            self._pulled += 1
+
+    def _proposal(self) -> int:
+        """Steps between messages this rank proposes: issuing a collective costs far more
+        than a step's bookkeeping, so as many as the look-ahead's memory budget allows (the
+        look-ahead, two periods, also hides the collective's latency)."""
+        if self.num_batches is not None or not self._batch_bytes:
+            return _MAX_EVERY
+        return max(1, min(_MAX_EVERY, _BUDGET_BYTES // (2 * self._batch_bytes)))
+
+    def _issue(self, kind: int) -> None:
+        step = self._step
+        if self.num_batches is None and kind != _END:
+            self._pull_ahead(step + self._lookahead())
+        known = self.num_batches if self.num_batches is not None else self._pulled
+        end = INF if self._ended_at is None else self._ended_at
+        h = config_hash(self._config) if kind == _CONFIG and self._config is not None else 0
+        msg = [kind, -kind, self.serial, -self.serial, step, -step, h, -h, known, -known,
+               end, -end, self._proposal(), end if self._failed else INF]
+        name = f"{self.name}.{next(self._ops)}"
         try:
-            handle = self.backend.allreduce_async(torch.tensor(flags, dtype=torch.int32),
-                                                  "sum", name=f"{self.name}.{first}")
+            handle = self.backend.allreduce_async(torch.tensor(msg, dtype=torch.int64), "min",
+                                                  name=name)
         except RankFailureError as e:  # a rank died: say where we were
             self._finish()
-            self._chunks.clear()
-            e.args = (f"{e} (while sending the end-of-data flags of step {first}"
-                      f"{f' to {first + len(flags) - 1}' if len(flags) > 1 else ''})",)
+            e.args = (f"{e} (while sending {_KINDS[kind]} message at step {step})",)
             raise
-        self._chunks.append((first, handle))
-        self._issued = first + len(flags)
+        self._inflight.append((kind, step, handle, time.perf_counter()))
+        self._next_issue = step + self._every
 
-    def _fill(self) -> None:
-        while self._issued < self._step + 1 + self.lookahead and not self._failed:
-            self._issue()
-
-    def _total(self, step: int, has: bool) -> int:
-        """Ranks with data at ``step``, waiting for its chunk if needed."""
-        while step not in self._totals:
-            first, handle = self._chunks.popleft()
-            t0 = time.perf_counter()
-            try:
-                sums = handle.wait(
-                    self.timeout, what=f"the other ranks' end-of-data flags of step {step} "
-                    f"(this rank {'has' if has else 'has no'} batch)")
-            except RankFailureError:
+    def _wait_oldest(self) -> None:
+        kind, step, handle, _ = self._inflight.popleft()
+        t0 = time.perf_counter()
+        try:
+            res = handle.wait(self.timeout, what=f"the other ranks' {_KINDS[kind]} message "
+                              f"of step {step} (pass {self.serial})").tolist()
+        except RankFailureError:
+            self._finish()
+            raise
+        finally:
+            self.wait_s += time.perf_counter() - t0
+        for field, what in ((_KIND, "kind"), (_SERIAL, "pass"), (_STEP, "step")):
+            if res[field] != -res[field + 1]:
                 self._finish()
-                self._chunks.clear()  # the ranks are out of step: nothing more to wait for
-                raise
-            finally:
-                self.wait_s += time.perf_counter() - t0
-            self._totals.update((first + k, int(v)) for k, v in enumerate(sums.tolist()))
-        return self._totals.pop(step)
+                raise ConfigMismatchError(
+                    f"rank {self.backend.rank}: the ranks are not iterating this loader alike "
+                    f"(at {_KINDS[kind]} of pass {self.serial}, step {step}, the ranks' {what} "
+                    f"ranges over {res[field]}..{-res[field + 1]}): iterate the loader on every "
+                    "rank, the same number of times (not, e.g., `if rank == 0: "
+                    "next(iter(loader))`), and break out of it at the same step everywhere")
+        if res[_HASH] != -res[_HASH + 1]:
+            self._finish()
+            self._explain_config()
+        self._all_have = max(self._all_have, res[_KNOWN])
+        self._some_have = max(self._some_have, -res[_KNOWN + 1])
+        self._first_end = min(self._first_end, res[_END_AT])
+        self._last_end = -res[_END_AT + 1] if -res[_END_AT + 1] < INF else INF
+        self._first_failed = min(self._first_failed, res[_FAILED_AT])
+        self._every = max(1, min(_MAX_EVERY, res[_EVERY]))
+
+    def _explain_config(self) -> None:
+        """Every rank saw the mismatch in the same message: gather the configs and say
+        exactly which field differs where."""
+        configs = self.backend.allgather_object(dict(self._config or {}))
+        diffs = []
+        for key in sorted({k for c in configs for k in c}):
+            values = [c.get(key) for c in configs]
+            if any(v != values[0] for v in values):
+                diffs.append(f"{key}: " + ", ".join(f"rank {r}={v!r}"
+                                                    for r, v in enumerate(values)))
+        raise ConfigMismatchError(
+            f"rank {self.backend.rank}: the ranks are configured differently, so their data "
+            "would not line up (or their collectives would hang): " + "; ".join(diffs)
+            + ". Build the loader with the same arguments and dataset on every rank.")
 
     # -- iteration ------------------------------------------------------------------------
-    def __iter__(self) -> EndOfDataSync:
-        return self
-
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
-        self._fill()
-        step, size = self._step, self.backend.size
-        if self.num_batches is None:
-            entry = self._pulled.popleft()
-            if isinstance(entry, ErrorBox):
-                self._finish()
-                entry.reraise()
-            has, batch = entry
-        else:
-            has, batch = step < self.num_batches, None
-        total = self._total(step, has)
-        if has and self.num_batches is not None:
-            has, batch = self._pull()
-            if not has:
-                self._finish()
-                raise SampleError(
-                    f"rank {self.backend.rank}: expected {self.num_batches} batches but the "
-                    f"source ended after {step}; did the dataset's length change during the "
-                    "epoch, or does the sampler yield fewer indices than its len()?"
-                )
-        if total == size:
-            out = batch
-        elif total == 0:
+        s = self._step
+        if s >= self._next_issue:
+            if len(self._inflight) >= 2:
+                self._wait_oldest()
+            self._issue(_FLAGS)
+        elif self._inflight and s >= self._inflight[0][1] + 2 * self._every:
+            self._wait_oldest()  # heartbeat: bounded staleness, a stalled rank is noticed
+        while True:
+            decision = self._decide(s)
+            if decision is not None:
+                break
+            if not self._inflight:
+                self._issue(_FLAGS)
+            self._wait_oldest()
+        if decision == "stop":
+            self._end(s)
+        self._step = s + 1
+        return self._take(s, decision)
+
+    def _decide(self, s: int) -> str | None:
+        """What step ``s`` is, from the completed messages (the same on every rank), or None
+        when they do not tell yet."""
+        if s < self._all_have:
+            return "all"
+        if s >= self._first_failed:
+            return "failed"
+        if s >= self._last_end:
+            return "stop"
+        if s >= self._first_end:  # some rank has no data at s
+            if self.uneven == "stop":
+                return "stop"
+            if s < self._some_have:  # and some rank has
+                return "error" if self.uneven == "error" else "pad"
+        return None
+
+    def _take(self, s: int, decision: str) -> Any:
+        if decision == "failed" and not self._own_failure(s):
             self._finish()
-            self._confirm_end(step)
-            raise StopIteration
-        elif self.uneven == "stop":
-            if has:
-                log.debug("rank %d: stopping at step %d; %d of %d ranks have data",
-                          self.backend.rank, step, total, size)
-            self._finish()
-            self._confirm_end(step)
-            raise StopIteration
-        elif self.uneven == "error":
+            raise RankFailureError(
+                f"rank {self.backend.rank}: another rank's data raised at step {s} of pass "
+                f"{self.serial} (see that rank's error); stopping here as well")
+        if decision == "error":
             self._finish()
             raise UnevenDataError(
                 f"rank {self.backend.rank}: ranks ran out of data at different steps: at step "
-                f"{step} only {total} of {size} ranks have a batch (this rank "
-                f"{'has one' if has else 'has none'}). Use uneven='stop' to stop at the "
-                "shortest rank, uneven='pad' to pad with empty batches, or shard the data evenly."
-            )
-        elif has:
-            out = batch
-        else:
-            out = self._empty_batch(step)
+                f"{s} some ranks have a batch and some have none (this rank "
+                f"{'has one' if self._has(s) else 'has none'}). Use uneven='stop' to stop at "
+                "the shortest rank, uneven='pad' to pad with empty batches, or shard the data "
+                "evenly.")
+        if decision == "pad" and not self._has(s):
             self.padded_steps += 1
-        self._step += 1
-        self._fill()  # the next flags travel while the consumer works on this batch
-        return out
+            return self._empty_batch(s)
+        return self._next_batch(s)
 
-    def _confirm_end(self, step: int) -> None:
-        """One collective per pass: every rank ended at ``step``. The flags travel ahead of the
-        steps, so a rank that stalls early would otherwise go unnoticed by the others until
-        their next collective, possibly after the epoch (and the job) ended."""
-        if self.backend.size == 1:
-            return
-        t0 = time.perf_counter()
+    def _own_failure(self, s: int) -> bool:
+        return self._failed and self._ended_at == s
+
+    def _has(self, s: int) -> bool:
+        return self._ended_at is None or s < self._ended_at or self._own_failure(s)
+
+    def _next_batch(self, s: int) -> Any:
+        if self.num_batches is None:
+            self._pull_ahead(s + 1)
+            entry = self._buffer.popleft()
+            if isinstance(entry, ErrorBox):
+                self._finish()
+                entry.reraise()
+            return entry
         try:
-            both = self.backend.allreduce_async(
-                torch.tensor([step, -step], dtype=torch.int64), "min",
-                name=f"{self.name}.end").wait(
-                self.timeout, what=f"the other ranks to reach the end of data at step {step}")
-        finally:
-            self.wait_s += time.perf_counter() - t0
-        if int(both[0]) != step or -int(both[1]) != step:
-            raise RankFailureError(
-                f"rank {self.backend.rank}: the ranks ended the pass at different steps "
-                f"({int(both[0])} to {-int(both[1])}, this rank {step}); iterate the loader on "
-                "every rank alike")
+            batch = next(self._source) if self._source is not None else None
+        except StopIteration:
+            batch = None
+        except BaseException:
+            self._finish()
+            raise
+        if batch is None:
+            self._finish()
+            raise SampleError(
+                f"rank {self.backend.rank}: expected {self.num_batches} batches but the source "
+                f"ended after {s}; did the dataset's length change during the epoch, or does "
+                "the sampler yield fewer indices than its len()?")
+        if self._template is None:
+            self._template = batch
+        return batch
 
-    def _empty_batch(self, step: int) -> Any:
-        if self._template is not None:
-            return empty_like(self._template)
-        if self._empty is not None:
+    def _end(self, s: int) -> None:
+        """Every rank decided to end at ``s``: confirm it with one message, then stop."""
+        self._source = None
+        self._buffer.clear()
+        if self.backend.size > 1:
+            self._issue(_END)
+            while self._inflight:
+                self._wait_oldest()
+        self._done = True
+        raise StopIteration
+
+    def _empty_batch(self, s: int) -> Any:
+        if self.num_batches is None and not self._template_shared:
+            # the first padded step is the same on every rank: all take part
+            self._template_shared = True
+            mine = None if self._template is None else empty_like(self._template)
+            shared = next((t for t in self.backend.allgather_object(mine) if t is not None),
+                          None)
+            if self._template is None:
+                self._template = shared
+        if self._template is None and self._empty is not None:
             self._template = self._empty()
-            return empty_like(self._template)
-        self._finish()
-        raise UnevenDataError(
-            f"rank {self.backend.rank}: uneven='pad' needs one batch to learn the batch "
-            f"structure, but this rank had no data at all (step {step}). Give every rank at "
-            "least one sample, or use uneven='stop'."
-        )
+        if self._template is None:
+            self._finish()
+            raise UnevenDataError(
+                f"rank {self.backend.rank}: uneven='pad' needs a batch to learn the batch "
+                f"structure from, but no rank had one (step {s})")
+        return empty_like(self._template)
 
     def _finish(self) -> None:
         self._done = True
         self._source = None
-        self._pulled.clear()
+        self._buffer.clear()
 
     def abandon(self) -> None:
-        """Stop and forget the allreduces in flight without waiting (their world is gone)."""
+        """Stop and forget the messages in flight without waiting (their world is gone)."""
         self._finish()
-        self._chunks.clear()
+        self._inflight.clear()
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop; wait (briefly) for the allreduces in flight so no collective is abandoned.
-
-        Every rank that stopped at the same step issued the same flags, so they complete.
-        """
+        """Stop; wait (briefly) for the messages in flight so no collective is abandoned:
+        every rank that stopped at the same step issued the same ones."""
         self._finish()
-        chunks, self._chunks = self._chunks, collections.deque()
-        for _, handle in chunks:
+        inflight, self._inflight = self._inflight, collections.deque()
+        for _, _, handle, _ in inflight:
             try:
-                handle.wait(timeout, what="an end-of-data allreduce in flight at close()")
+                handle.wait(timeout, what="an end-of-data message in flight at close()")
             except Exception as e:  # the other ranks stopped at another step
                 log.warning("rank %d: %s", self.backend.rank, e)
                 break

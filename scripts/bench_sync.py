@@ -1,11 +1,11 @@
 """Cost of the end-of-data check per step, vs a blocking allreduce per step, in one run.
 
 Each rank runs a loop of synthetic 1 ms steps over in-memory batches: bare (no check at all),
-horovod_iter's EndOfDataSync as the loader uses it - for an IterableDataset one asynchronous
-allreduce per step issued 2 steps ahead, for map-style data (batch count known) one allreduce
-per 64 steps issued 128 steps ahead - and the naive check a user would write (a blocking
-allreduce of a has-data flag before every step). It prints the per-step overhead over bare as
-a fraction of the step.
+horovod_iter's EndOfDataSync as the loader uses it - map-style data (batch count known: one
+message decides the pass, then a heartbeat every 64 steps) and an IterableDataset (batches
+pulled ahead and reported every k steps, k sized from the measured collective latency) - and
+the naive check a user would write (a blocking allreduce of a has-data flag before every step).
+It prints the per-step overhead over bare as a fraction of the step, and iterable / map-style.
 The step is a sleep by default (a host waiting for its GPU step mostly sleeps); --spin busy-waits
 instead, which oversubscribes a machine with fewer cores than ranks.
 
@@ -36,7 +36,6 @@ def worker(steps: int, step_s: float, repeats: int, busy: bool) -> None:
     import torch
 
     import horovod_iter as hi
-    from horovod_iter.iterator import FLAGS_PER_ALLREDUCE as _CHUNK
     from horovod_iter.sync import EndOfDataSync
 
     b = hi.init()
@@ -49,13 +48,12 @@ def worker(steps: int, step_s: float, repeats: int, busy: bool) -> None:
             work(step_s)
 
     def ours_iterable(tag: str) -> None:
-        for _ in EndOfDataSync(iter(batches), b, "stop", timeout=60, name=f"bench.{tag}",
-                               lookahead=2):
+        for _ in EndOfDataSync(iter(batches), b, "stop", timeout=60, name=f"bench.{tag}"):
             work(step_s)
 
     def ours_map(tag: str) -> None:
         for _ in EndOfDataSync(iter(batches), b, "stop", timeout=60, name=f"bench.{tag}",
-                               num_batches=steps, chunk=_CHUNK, lookahead=2 * _CHUNK):
+                               num_batches=steps):
             work(step_s)
 
     def blocking(tag: str) -> None:
@@ -102,7 +100,8 @@ def main() -> None:
     print(f"{a.steps} steps of {a.step_ms} ms ({'busy wait' if a.spin else 'sleep'}), best of "
           f"{a.repeats}; {os.cpu_count()} cores; overhead per step over bare, % of the step")
     print(f"{'launcher':>9} {'ranks':>5} {'bare us':>8} {'map-style %':>11} "
-          f"{'iterable %':>10} {'blocking %':>10} {'blocking/map':>12} {'blocking/iter':>13}")
+          f"{'iterable %':>10} {'blocking %':>10} {'blocking/map':>12} {'blocking/iter':>13} "
+          f"{'iter/map':>8}")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for launcher in a.launchers:
         for n in a.ranks:
@@ -122,7 +121,8 @@ def main() -> None:
             m, it, bl = (r[k] - r["bare"] for k in ("map", "iterable", "blocking"))
             print(f"{launcher:>9} {n:>5} {r['bare'] * 1e6:8.1f} {100 * m / step:11.2f} "
                   f"{100 * it / step:10.2f} {100 * bl / step:10.2f} "
-                  f"{bl / max(m, 1e-6):12.1f} {bl / max(it, 1e-6):13.1f}", flush=True)
+                  f"{bl / max(m, 1e-6):12.1f} {bl / max(it, 1e-6):13.1f} "
+                  f"{it / max(m, 1e-6):8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,18 @@ def test_map_pad_is_exact(launcher, workers):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_map_error_raises_on_every_rank_when_counts_differ(launcher):
+    res = run(launcher, 3, n=23, batch_size=4, uneven="error")
+    for r in res:  # 8, 8, 7 samples: refused at iter(), before any batch, on every rank
+        assert r["error"] is not None and r["error"].startswith("UnevenDataError"), r["error"]
+        assert "per rank: [8, 8, 7]" in r["error"] and r["batches"] == []
+    res = run(launcher, 3, n=24, batch_size=5, uneven="error")
+    assert [r["error"] for r in res] == [None] * 3
+    assert sorted(i for r in res for i in flat(r["batches"])) == list(range(24))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_map_stop_pads_like_torch_and_covers(launcher):
     res = run(launcher, 3, n=23, global_batch_size=6, uneven="stop")
     assert [len(r["batches"]) for r in res] == [4, 4, 4]  # ceil(23/3)=8 per rank, batch 2
@@ -108,7 +120,7 @@ def test_mid_epoch_resume_equals_uninterrupted(launcher, prefetch, workers, tmp_
     resumed = run(launcher, 2, **common, state_in=state + ".0")
     for f, r in zip(full, resumed):
         assert r["batches"] == f["batches"][4:]
-        assert r["len"] == len(f["batches"]) - 4
+        assert r["len"] == len(f["batches"])  # len(): a full pass, as torch's
 
 
 @pytest.mark.distributed
