@@ -8,7 +8,8 @@ Public API (everything else is private and may change):
 * ``DistributedSampler``: disjoint epoch-seeded slices, O(1) memory, exact resume.
 * ``EpochPlan``: the pure layout of an epoch over the ranks.
 * ``CudaPrefetcher``: side-stream host->GPU prefetch around any iterable.
-* ``shard``: split an iterable by rank and DataLoader worker.
+* ``ShardedDataset``: streaming shards, each read once over the world, resumable on any world.
+* ``shard``: split an iterable by rank and DataLoader worker (every consumer reads it all).
 * The exceptions of ``horovod_iter.errors``.
 
 With Horovod installed, importing the package registers the Horovod elastic state handlers
@@ -36,6 +37,7 @@ from .loader import DistributedLoader
 from .plan import EpochPlan
 from .prefetch import CudaPrefetcher
 from .sampler import DistributedSampler
+from .sharded import ShardedDataset
 
 __version__ = "0.2.0"
 
@@ -53,6 +55,7 @@ __all__ = [
     "OutOfRangeError",
     "RankFailureError",
     "SampleError",
+    "ShardedDataset",
     "UnevenDataError",
     "get_backend",
     "init",

@@ -1,14 +1,14 @@
 """Rank, size and the few collectives horovod_iter needs, over Horovod, torch.distributed or
 a single process.
 
-The rest of the library talks only to :class:`Backend`, so the same sampler and loader run
+The rest of the library talks only to `Backend`, so the same sampler and loader run
 unchanged under ``horovodrun``, ``torchrun`` and plain ``python``.
 
 Collectives offered (and nothing more): allreduce of a small integer tensor (sum, min, max),
 blocking or asynchronous with a timeout; ``broadcast_object``; ``allgather_object``; ``barrier``.
-The Horovod and torch.distributed backends live in :mod:`horovod_iter.backend_horovod` and
-:mod:`horovod_iter.backend_torch`, imported only when chosen. This module imports nothing of the
-library but :mod:`horovod_iter.errors`.
+The Horovod and torch.distributed backends live in `backend_horovod` and
+`backend_torch`, imported only when chosen. This module imports nothing of the
+library but `errors`.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ __all__ = [
 
 #: Environment variable that overrides backend auto-detection.
 BACKEND_ENV = "HOROVOD_ITER_BACKEND"
-#: Backend names accepted by :func:`init`.
+#: Backend names accepted by `init()`.
 BACKENDS = ("horovod", "torch", "local")
 _OPS = ("sum", "min", "max")
 # Environment variables set by horovodrun (gloo), mpirun (Open MPI, MPICH/Intel MPI, PMIx).
@@ -52,7 +52,7 @@ class AsyncHandle(ABC):
 
     @abstractmethod
     def wait(self, timeout: float | None = None, what: str = "an allreduce") -> torch.Tensor:
-        """Block until the result is ready; raise :class:`DataTimeoutError` after ``timeout`` s."""
+        """Block until the result is ready; raise `DataTimeoutError` after ``timeout`` s."""
 
 
 class _DoneHandle(AsyncHandle):
@@ -88,7 +88,7 @@ def timeout_error(backend: Backend, what: str, timeout: float | None) -> DataTim
 
 
 class Backend(ABC):
-    """Rank facts and the library's collectives. Obtain one with :func:`init`."""
+    """Rank facts and the library's collectives. Obtain one with `init()`."""
 
     name: str = ""
 
@@ -119,7 +119,7 @@ class Backend(ABC):
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None,
                   timeout: float | None = None) -> torch.Tensor:
-        """Blocking allreduce; see :meth:`allreduce_async`."""
+        """Blocking allreduce; see `allreduce_async()`."""
         return self.allreduce_async(tensor, op, name).wait(timeout)
 
     @abstractmethod
@@ -204,7 +204,7 @@ def _horovod_importable() -> bool:
 
 
 def _detect() -> str:
-    """Which backend the launch environment implies (see :func:`init`)."""
+    """Which backend the launch environment implies (see `init()`)."""
     if any(v in os.environ for v in _HOROVOD_ENV) and _horovod_importable():
         return "horovod"
     try:
@@ -243,12 +243,14 @@ def init(backend: str | None = None) -> Backend:
             variable ``HOROVOD_ITER_BACKEND`` overrides auto-detection.
 
     Idempotent: later calls return the same backend. Asking for a backend that contradicts the
-    one already initialised raises :class:`BackendError`.
+    one already initialised raises `BackendError`.
 
     Example:
-        >>> import horovod_iter as hi
-        >>> b = hi.init()
-        >>> print(b.name, b.rank, b.size)
+        ```python
+        import horovod_iter as hi
+        b = hi.init()
+        print(b.name, b.rank, b.size)
+        ```
     """
     global _backend
     wanted = _normalise(backend)
@@ -280,7 +282,7 @@ def get_backend() -> Backend:
 
 
 def shutdown() -> None:
-    """Release the backend's resources; a later :func:`init` starts afresh."""
+    """Release the backend's resources; a later `init()` starts afresh."""
     global _backend
     with _lock:
         if _backend is not None:

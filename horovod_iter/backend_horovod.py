@@ -1,8 +1,8 @@
 """The Horovod backend (``horovod.torch``); imported only when that backend is chosen.
 
 Every asynchronous op gets a unique name (Horovod matches ops across ranks by name). A failed
-collective is raised as :class:`HorovodRankFailureError`, which is both our
-:class:`~horovod_iter.RankFailureError` and Horovod's ``HorovodInternalError``, so that
+collective is raised as `HorovodRankFailureError`, which is both our
+`RankFailureError` and Horovod's ``HorovodInternalError``, so that
 ``hvd.elastic.run`` treats it as the rank failure it is and resets.
 """
 from __future__ import annotations

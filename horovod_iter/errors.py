@@ -13,7 +13,7 @@ and what to do about it. The hierarchy::
     └── OutOfRangeError         ``get_next()`` at the end of data (TensorFlow's name)
 
 Under Horovod, a rank failure is raised as
-``horovod_iter.backend_horovod.HorovodRankFailureError``: a :class:`RankFailureError` that is
+``horovod_iter.backend_horovod.HorovodRankFailureError``: a `RankFailureError` that is
 also Horovod's ``HorovodInternalError``, so ``hvd.elastic.run`` resets on it.
 """
 from __future__ import annotations

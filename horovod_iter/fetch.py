@@ -1,12 +1,12 @@
 """Host side of the pipeline: index batches -> samples -> collated batch, as a ``HostSource``.
 
-:func:`host_batches` chooses the fetch path by dispatch and returns a source that carries its
+`host_batches()` chooses the fetch path by dispatch and returns a source that carries its
 own batch count (``None`` when unknown) and ``close()``:
 
 * **index batches** (our sampler's plan, or a foreign sampler's indices grouped into batches):
   with ``num_workers=0`` fetched in the caller's thread, as torch's DataLoader does (no hand-off
   between threads); with workers, whole batches are fetched inside torch DataLoader workers.
-  Either way a :class:`BatchFetcher` gathers ``TensorDataset`` tensors in bulk with
+  Either way a `BatchFetcher` gathers ``TensorDataset`` tensors in bulk with
   ``index_select`` (in parallel threads for large batches), gives ``__getitems__`` the whole
   index list, and names the rank and the index when a sample fails.
 * **iterable data**: a torch DataLoader over the ``IterableDataset`` (its workers, collate and
@@ -16,6 +16,7 @@ own batch count (``None`` when unknown) and ``close()``:
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
 
@@ -34,15 +35,15 @@ from .backend import get_backend
 from .errors import SampleError
 from .plan import EpochPlan, steps_for
 
-__all__ = ["BatchFetcher", "FetchOptions", "HostSource", "host_batches", "pinned_collate",
-           "plan_batches", "shard"]
+__all__ = ["BatchFetcher", "FetchOptions", "HostSource", "host_batches", "is_stateful",
+           "pinned_collate", "plan_batches", "shard"]
 
 
 def shard(iterable: Iterable[Any], rank: int | None = None,
           num_replicas: int | None = None) -> Iterator[Any]:
     """Yield this rank's (and this DataLoader worker's) share of ``iterable``: element ``i``
     goes to the consumer ``i mod (W * workers)``. Every consumer reads the whole stream; for
-    sharded files use :class:`horovod_iter.ShardedDataset`, which reads each file once.
+    sharded files use `ShardedDataset`, which reads each file once.
 
     Use it inside an ``IterableDataset``::
 
@@ -190,9 +191,14 @@ class FetchOptions:
 
 
 class HostSource(Iterator[Any]):
-    """This rank's host batches for one pass; ``num_batches`` is their count when known."""
+    """This rank's host batches for one pass; ``num_batches`` is their count when known.
+
+    Iterable data reports, for each batch it yields, its consumer's position after it
+    (``positions``, in yield order), so that the loader can count the batches it hands out.
+    """
 
     num_batches: int | None = None
+    positions: collections.deque[dict[str, Any]] | None = None
 
     def close(self) -> None:
         """Release threads and worker processes; idempotent, never blocks on other ranks."""
@@ -258,7 +264,7 @@ class _InlineSource(HostSource):
 
 
 class _FetchedBatches(torch.utils.data.Dataset[Any]):
-    """Whole batches fetched inside DataLoader workers by a :class:`BatchFetcher`."""
+    """Whole batches fetched inside DataLoader workers by a `BatchFetcher`."""
 
     def __init__(self, fetcher: BatchFetcher) -> None:
         self.fetcher = fetcher
@@ -282,18 +288,70 @@ def _whole_batch(batch: Any) -> Any:
     return batch
 
 
-class _WorkerSource(HostSource):
-    """A torch DataLoader with workers; ``close()`` stops them. A failure names the rank and
-    the step (map-style failures come back as values, with their own message)."""
+def is_stateful(dataset: Any) -> bool:
+    """torchdata's ``Stateful`` protocol: ``state_dict()`` and ``load_state_dict()``."""
+    return callable(getattr(dataset, "state_dict", None)) and callable(
+        getattr(dataset, "load_state_dict", None))
 
-    def __init__(self, dl: DataLoader[Any], count: int | None, rank: int, skip: int = 0) -> None:
+
+class _IterableBatches(IterableDataset[Any]):
+    """Batches an ``IterableDataset`` inside each DataLoader worker (or the main process),
+    and sends each batch with its consumer's position after it: a stateful dataset's own
+    ``state_dict()``, taken with the batches it produced (torchdata does the same).
+
+    ``resume``: for a stateful dataset, what to load before iterating: one merged state
+    (datasets with ``elastic_state``, e.g. ``ShardedDataset``) or a list indexed by consumer.
+    """
+
+    def __init__(self, dataset: Any, opts: FetchOptions, world: int,
+                 resume: Any = None) -> None:
+        self.dataset = dataset
+        self.opts = opts
+        self.world = world
+        self.resume = resume
+
+    def __iter__(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        consumer = self.opts.rank * workers + worker
+        ds = self.dataset
+        stateful = is_stateful(ds)
+        if stateful and self.resume is not None:
+            if getattr(ds, "elastic_state", False):
+                ds.load_state_dict(self.resume)
+            elif self.resume[consumer] is not None:
+                ds.load_state_dict(self.resume[consumer])
+        collate = self.opts.collate_fn or default_collate
+        bs, it = self.opts.batch_size, iter(ds)
+        if stateful and self.resume is not None and getattr(ds, "elastic_state", False):
+            ds.load_state_dict(None)  # in the main process (no workers): only this pass resumes
+        while True:
+            samples = list(itertools.islice(it, bs))
+            if not samples or (self.opts.drop_last and len(samples) < bs):
+                return
+            position = {"consumer": consumer, "consumers": self.world * workers,
+                        "state": ds.state_dict() if stateful else None}
+            yield collate(samples), position
+
+
+class _WorkerSource(HostSource):
+    """A torch DataLoader (with or without workers); ``close()`` stops its workers. A failure
+    names the rank and the step (map-style failures come back as values, with their own
+    message); iterable batches arrive with their consumer's position."""
+
+    def __init__(self, dl: DataLoader[Any], count: int | None, rank: int, skip: int = 0,
+                 tagged: bool = False) -> None:
         self._it: Any = iter(dl)
         self.num_batches = count
         self._rank = rank
         self._step = 0
-        for _ in range(skip):  # an iterable cannot seek: replay (O(steps))
+        self._tagged = tagged
+        self.positions = collections.deque() if tagged else None
+        for _ in range(skip):  # an iterable without state cannot seek: replay (O(steps))
             if next(self, None) is None:
                 break
+        if self.positions is not None:
+            self.positions.clear()
         self._step = 0
 
     def __next__(self) -> Any:
@@ -312,6 +370,9 @@ class _WorkerSource(HostSource):
             self.close()
             batch.reraise()
         self._step += 1
+        if self._tagged:
+            batch, position = batch
+            self.positions.append(position)  # type: ignore[union-attr]
         return batch
 
     def close(self) -> None:
@@ -323,9 +384,10 @@ class _WorkerSource(HostSource):
 
 def host_batches(dataset: Any, opts: FetchOptions, *,
                  indices: tuple[Iterator[np.ndarray], int | None] | None = None,
-                 skip: int = 0) -> HostSource:
-    """This rank's host batches: from index batches (map-style) or the iterable itself
-    (``indices=None``, replaying ``skip`` batches)."""
+                 world: int = 1, resume: Any = None, skip: int = 0) -> HostSource:
+    """This rank's host batches: from index batches (map-style), or from the iterable itself
+    (``indices=None``): resumed from ``resume`` (a stateful dataset) or by replaying ``skip``
+    batches."""
     if indices is not None:
         arrays, count = indices
         if opts.num_workers == 0:
@@ -336,7 +398,7 @@ def host_batches(dataset: Any, opts: FetchOptions, *,
                         num_workers=opts.num_workers, collate_fn=_whole_batch,
                         pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn)
         return _WorkerSource(dl, count, opts.rank)
-    dl = DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                    collate_fn=opts.collate_fn, pin_memory=opts.pin, drop_last=opts.drop_last,
-                    worker_init_fn=opts.worker_init_fn)
-    return _WorkerSource(dl, None, opts.rank, skip)
+    batches = DataLoader(_IterableBatches(dataset, opts, world, resume), batch_size=None,
+                         num_workers=opts.num_workers, collate_fn=_whole_batch,
+                         pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn)
+    return _WorkerSource(batches, None, opts.rank, skip, tagged=True)

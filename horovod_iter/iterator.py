@@ -1,4 +1,4 @@
-"""DistributedIterator: one pass of a :class:`~horovod_iter.DistributedLoader`, composing
+"""DistributedIterator: one pass of a `DistributedLoader`, composing
 ``HostSource -> EndOfDataSync -> CudaPrefetcher`` and counting what it hands to the user.
 
 Shutdown: ``close()`` (also by ``with``, a finished loop, or the next ``iter(loader)``) waits
@@ -10,6 +10,7 @@ interpreter is exiting.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -46,12 +47,16 @@ class Pass:
     samples: int = 0
     finished: bool = False
     cursor: Cursor | None = None
+    #: iterable data: consumer -> its position after the last batch handed out
+    positions: dict[int, Any] = dataclasses.field(default_factory=dict)
 
-    def handed(self) -> None:
+    def handed(self, position: dict[str, Any] | None = None) -> None:
         self.steps += 1
         self.samples += self.batch_size
         if self.cursor is not None:
             self.cursor.advance(self.batch_size)
+        if position is not None:
+            self.positions[position["consumer"]] = position["state"]
 
 
 def _rows(batch: Any) -> int:
@@ -69,7 +74,7 @@ def _rows(batch: Any) -> int:
 
 
 class DistributedIterator:
-    """One pass over a :class:`DistributedLoader` (create it with ``iter(loader)``).
+    """One pass over a `DistributedLoader` (create it with ``iter(loader)``).
 
     ``next()``/``get_next()`` hand out the next batch, already on the loader's device; at the
     end of data every rank stops at the same step. ``num_steps`` is the number of batches this
@@ -126,7 +131,8 @@ class DistributedIterator:
         except BaseException:
             self.close()
             raise
-        self._pass.handed()
+        positions = self._source.positions
+        self._pass.handed(positions.popleft() if positions else None)
         self._steps += 1
         self._samples += _rows(batch)
         if self._progress.enabled:
@@ -134,7 +140,7 @@ class DistributedIterator:
         return batch
 
     def get_next(self) -> Any:
-        """The next batch; raises :class:`OutOfRangeError` at the end of data, at the same
+        """The next batch; raises `OutOfRangeError` at the end of data, at the same
         step on every rank."""
         try:
             return next(self)

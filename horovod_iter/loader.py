@@ -6,7 +6,7 @@ The position model (the contract; docs/checkpoints.md says it for users):
 
 * every ``iter(loader)`` starts the current epoch from its beginning, as torch's DataLoader
   does - after a finished pass, a ``break``, a peek, or ``drop_last`` alike;
-* the one exception: the first ``iter()`` after :meth:`DistributedLoader.load_state_dict`
+* the one exception: the first ``iter()`` after `load_state_dict()`
   (and after a Horovod elastic restore/sync or a world change, which are loads) resumes at the
   loaded position; the iteration after it starts over (torchdata ``StatefulDataLoader``'s rule);
 * ``len(loader)`` is the batch count of a full pass of the current epoch on this rank;
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,14 @@ from torch.utils.data.distributed import DistributedSampler as TorchDistributedS
 
 from .backend import Backend, get_backend, init
 from .errors import UnevenDataError
-from .fetch import FetchOptions, HostSource, host_batches, plan_batches, sampler_batches
+from .fetch import (
+    FetchOptions,
+    HostSource,
+    host_batches,
+    is_stateful,
+    plan_batches,
+    sampler_batches,
+)
 from .iterator import DistributedIterator, Pass
 from .plan import steps_for
 from .prefetch import resolve_device
@@ -42,7 +50,7 @@ _STATE_VERSION = 2
 _TYPE, _VERSION, _EPOCH, _STEPS, _WORLD = "type", "version", "epoch", "steps", "world_size"
 _BATCH, _GLOBAL_BATCH, _UNEVEN = "batch_size", "global_batch_size", "uneven"
 _FINISHED, _SAMPLES, _SAMPLER, _ITERATIONS = "finished", "samples", "sampler", "iterations"
-_MESSAGES = "messages"
+_MESSAGES, _DATASET = "messages", "dataset"
 _loader_ids = itertools.count()
 
 
@@ -54,7 +62,7 @@ class _Resume:
     steps: int
     samples: int
     finished: bool
-
+    dataset: Any = None  # a stateful iterable's saved state
 
 def _positive_int(name: str, value: Any) -> int:
     if not is_int(value) or value < 1:
@@ -66,8 +74,8 @@ class DistributedLoader:
     """Iterate a dataset in data-parallel training or evaluation, every rank in lockstep.
 
     Each rank gets a disjoint slice of every epoch (map-style datasets through
-    :class:`DistributedSampler`; an ``IterableDataset`` is used as given: shard it with
-    :class:`ShardedDataset` or :func:`shard`). The end of data is agreed by the ranks with
+    `DistributedSampler`; an ``IterableDataset`` is used as given: shard it with
+    `ShardedDataset` or `shard()`). The end of data is agreed by the ranks with
     asynchronous allreduces of has-data flags that travel ahead of the steps (for map-style
     data 64 steps per collective), and batches are copied to ``device`` on a side CUDA stream
     ``prefetch`` batches ahead.
@@ -77,7 +85,7 @@ class DistributedLoader:
         batch_size: samples per rank per step. Exactly one of this and ``global_batch_size``.
         global_batch_size: samples per step over all ranks (TensorFlow's meaning); each rank
             gets ``global_batch_size / W`` and it must divide evenly.
-        shuffle, seed, drop_last: as for :class:`DistributedSampler` (map-style only);
+        shuffle, seed, drop_last: as for `DistributedSampler` (map-style only);
             ``drop_last`` also drops a short last batch.
         sampler: your own sampler instead of ours (map-style only). Ours resumes in O(1) and
             on another world size; any other resumes on the same world size by skipping
@@ -87,26 +95,28 @@ class DistributedLoader:
         device: where batches go; ``None`` means the current CUDA device, or CPU.
         prefetch: batches copied to the GPU ahead of the one being consumed.
         device_transform: a function of a device batch, run on the copy's side stream (see
-            :class:`CudaPrefetcher`); in line on CPU.
+            `CudaPrefetcher`); in line on CPU.
         uneven: when ranks run out at different steps: ``"stop"`` (all stop at the first step
             any rank has no batch; map-style data is padded as torch does, so nothing is lost),
             ``"pad"`` (ranks that ran out yield empty batches until all are done; every sample
-            exactly once - for evaluation) or ``"error"`` (raise :class:`UnevenDataError` on
+            exactly once - for evaluation) or ``"error"`` (raise `UnevenDataError` on
             every rank instead of padding or stopping).
         timeout: seconds a rank waits for the others before raising
-            :class:`DataTimeoutError` naming the step (``None``: no limit).
-        backend: a :class:`Backend`, or a backend name for :func:`horovod_iter.init`.
+            `DataTimeoutError` naming the step (``None``: no limit).
+        backend: a `Backend`, or a backend name for `init()`.
         progress: show a progress bar on rank 0 (tqdm if installed, else INFO log lines under
-            the ``horovod_iter`` logger) and log the pass's :meth:`stats` at its end.
-        log_stats: log every rank's :meth:`stats` at DEBUG at the end of each pass.
+            the ``horovod_iter`` logger) and log the pass's `stats()` at its end.
+        log_stats: log every rank's `stats()` at DEBUG at the end of each pass.
 
     Example:
-        >>> loader = DistributedLoader(dataset, batch_size=64, device="cuda")
-        >>> for epoch in range(start_epoch, epochs):
-        ...     loader.set_epoch(epoch)
-        ...     for x, y in loader:
-        ...         train_step(x, y)
-        ...     torch.save({"loader": loader.state_dict(), ...}, path)
+        ```python
+        loader = DistributedLoader(dataset, batch_size=64, device="cuda")
+        for epoch in range(start_epoch, epochs):
+            loader.set_epoch(epoch)
+            for x, y in loader:
+                train_step(x, y)
+            torch.save({"loader": loader.state_dict(), ...}, path)
+        ```
     """
 
     def __init__(self, dataset: Any, batch_size: int | None = None, *,
@@ -176,6 +186,7 @@ class DistributedLoader:
         #: numbers the end-of-data messages of all its passes
         self.messages = MessageCounter()
         self._iterations = 0
+        self._gathered: dict[str, Any] | None = None  # the last state_dict() (iterables)
         self._last_stats: dict[str, Any] = {}
 
     def _make_sampler(self, sampler: Sampler[Any] | None, shuffle: bool,
@@ -276,10 +287,12 @@ class DistributedLoader:
         if int(epoch) != self.epoch:
             self._pending = self._pass = None
         self.epoch = int(epoch)
-        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-        elif hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+        self._propagate_epoch()
+
+    def _propagate_epoch(self) -> None:
+        target = self.sampler if self.sampler is not None else self.dataset
+        if callable(getattr(target, "set_epoch", None)):
+            target.set_epoch(self.epoch)
 
     def config(self) -> dict[str, Any]:
         """What every rank must agree on at ``iter()`` (checked with one allreduce)."""
@@ -301,10 +314,19 @@ class DistributedLoader:
         if own is not None and (own.num_replicas, own.rank) != (b.size, b.rank):
             self.abandon()
             self.load_state_dict(self.state_dict())
+        ds = self.dataset
+        if self.is_iterable and callable(getattr(ds, "set_world", None)) and (
+                getattr(ds, "num_replicas", b.size), getattr(ds, "rank", b.rank)) != (
+                b.size, b.rank):
+            self.abandon()
+            ds.set_world(b.size, b.rank)
+            if self._gathered is not None:  # the last state every rank agreed on
+                self.load_state_dict(self._gathered)
 
     def __iter__(self) -> DistributedIterator:
         self._follow_world()
         self.close()
+        self._propagate_epoch()
         resume, self._pending = self._pending, None
         bs = self.batch_size
         opts = FetchOptions(bs, self.drop_last, self.num_workers, self.collate_fn,
@@ -322,10 +344,20 @@ class DistributedLoader:
         elif self.sampler is not None:
             source = host_batches(self.dataset, opts, indices=sampler_batches(
                 self.sampler, pass_.samples, bs, self.drop_last))
+        elif is_stateful(self.dataset):
+            source = host_batches(self.dataset, opts, world=self.backend.size,
+                                  resume=resume.dataset if resume else None)
         elif resume is not None and resume.finished:
             source = _Empty()
         else:
-            source = host_batches(self.dataset, opts, skip=pass_.steps)
+            if pass_.steps:
+                warnings.warn(
+                    f"resuming an IterableDataset without state by replaying {pass_.steps} "
+                    "batches (O(steps), and only exact if it yields the same stream again); "
+                    "give it state_dict()/load_state_dict() or use horovod_iter.ShardedDataset",
+                    stacklevel=2)
+            source = host_batches(self.dataset, opts, world=self.backend.size,
+                                  skip=pass_.steps)
         self._pass = pass_
         self._iterations += 1
         it = DistributedIterator(self, pass_, source, self._iterations)
@@ -353,7 +385,7 @@ class DistributedLoader:
 
     def abandon(self) -> None:
         """Close the pass in flight without waiting for its collectives: their world is gone
-        (a Horovod elastic reset). Its position is kept for :meth:`state_dict`."""
+        (a Horovod elastic reset). Its position is kept for `state_dict()`."""
         active = self._active() if self._active is not None else None
         self._active = None
         if active is not None:
@@ -373,7 +405,7 @@ class DistributedLoader:
         own = self._own_sampler()
         p = self._pending or self._pass
         world = p.world if isinstance(p, Pass) else self.backend.size
-        return {
+        state = {
             _TYPE: _STATE_TYPE, _VERSION: _STATE_VERSION, _EPOCH: self.epoch,
             _STEPS: p.steps if p else 0, _SAMPLES: p.samples if p else 0,
             _FINISHED: p.finished if p else False, _WORLD: world,
@@ -381,7 +413,31 @@ class DistributedLoader:
             _GLOBAL_BATCH: self._global_size, _UNEVEN: self.uneven,
             _ITERATIONS: self._iterations, _MESSAGES: self.messages.value,
             _SAMPLER: None if own is None else own.state_dict(),
+            _DATASET: self._dataset_state(p),
         }
+        if self.is_iterable and is_stateful(self.dataset):
+            self._gathered = state
+        return state
+
+    def _dataset_state(self, p: Pass | _Resume | None) -> Any:
+        """A stateful iterable's position: every consumer's state as of the last batch handed
+        out, gathered over the ranks (a collective: call ``state_dict()`` on every rank)."""
+        if not (self.is_iterable and is_stateful(self.dataset)):
+            return None
+        if isinstance(p, _Resume):
+            return p.dataset
+        consumers = self.backend.size * max(1, self.num_workers)
+        mine = dict(p.positions) if isinstance(p, Pass) else {}
+        states: list[Any] = [None] * consumers
+        parts = [mine] if self.backend.size == 1 else self.backend.allgather_object(mine)
+        for part in parts:
+            for c, st in part.items():
+                if c < consumers:
+                    states[c] = st
+        merge = getattr(self.dataset, "merge_states", None)
+        if getattr(self.dataset, "elastic_state", False) and callable(merge):
+            return merge(states, consumers)
+        return states
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next ``iter()`` resume exactly where ``state`` was saved: it yields the
@@ -398,11 +454,14 @@ class DistributedLoader:
             if (own.num_replicas, own.rank) != (b.size, b.rank):
                 own.set_world(b.size, b.rank)
             own.load_state_dict(s[_SAMPLER])
+        elif self.is_iterable and is_stateful(self.dataset):
+            pass  # the dataset's own state says where; checked below
         elif not same_world:
             raise ValueError(
                 f"loader state was saved on {s[_WORLD]} ranks; without horovod_iter's "
-                f"sampler (IterableDataset or a foreign sampler) it can only be resumed on "
-                f"{s[_WORLD]} ranks, not {b.size}")
+                f"sampler or state (an IterableDataset without state_dict(), or a foreign "
+                f"sampler) it can only be resumed on {s[_WORLD]} ranks, not {b.size}; use "
+                "horovod_iter.ShardedDataset or DistributedSampler to resume on any")
         elif self.sampler is None and s[_BATCH] != self.batch_size and s[_STEPS]:
             raise ValueError(
                 f"loader state was saved with batch_size={s[_BATCH]} (per rank) over an "
@@ -415,7 +474,25 @@ class DistributedLoader:
         # the ranks' pass and message numbers agree again (elastic sync: all load rank 0's)
         self._iterations = max(self._iterations, s[_ITERATIONS])
         self.messages.value = max(self.messages.value, s[_MESSAGES])
-        self._pending = _Resume(s[_STEPS], s[_SAMPLES], s[_FINISHED])
+        self._pending = _Resume(s[_STEPS], s[_SAMPLES], s[_FINISHED],
+                                self._check_dataset_state(s.get(_DATASET)))
+
+    def _check_dataset_state(self, saved: Any) -> Any:
+        if saved is None or not (self.is_iterable and is_stateful(self.dataset)):
+            return None
+        if getattr(self.dataset, "elastic_state", False):
+            load = self.dataset.load_state_dict
+            load(saved)  # validates; the loaded copy goes to the workers at the next iter()
+            load(None)
+            return saved
+        consumers = self.backend.size * max(1, self.num_workers)
+        if not isinstance(saved, list) or len(saved) != consumers:
+            n = len(saved) if isinstance(saved, list) else "?"
+            raise ValueError(
+                f"loader state holds the dataset state of {n} consumers (ranks x workers), "
+                f"but this run has {consumers}; a stateful IterableDataset resumes with the "
+                "same world size and num_workers (horovod_iter.ShardedDataset resumes on any)")
+        return saved
 
     def _ended(self, it: DistributedIterator) -> None:
         """Called by a pass when it closes: keep its figures."""

@@ -1,6 +1,6 @@
 """The epoch plan: which dataset index every rank reads at every slot, as a pure value.
 
-An :class:`EpochPlan` is frozen and computed from (n, seed, epoch, shuffle, pad, drop_last,
+An `EpochPlan` is frozen and computed from (n, seed, epoch, shuffle, pad, drop_last,
 world, rank, start) alone: no collective, no I/O, no hidden state. It is the one place the
 layout arithmetic lives; the sampler and the loader both read it, and an iteration freezes one
 at ``iter()`` so that nothing (``set_epoch``, a load) changes a pass in flight.
@@ -10,12 +10,12 @@ Layout (torch's ``DistributedSampler``): the epoch's order from ``start`` on - t
 positions ``r, r + W, r + 2W, ...`` (its *slots* 0, 1, 2, ...). ``pad`` wraps around to make the
 positions divisible by ``W`` (torch's rule); ``drop_last`` cuts the tail to be divisible;
 with neither, ranks differ by at most one slot. Position ``q`` is sample ``start + q mod
-remaining`` of the epoch's order, which is :func:`horovod_iter.permutation.permute` of it.
+remaining`` of the epoch's order, which is `permute()` of it.
 
 Progress is a slot count ``k`` that is the same on every rank (every rank steps alike): the
-first ``min(k W, total)`` positions are consumed, i.e. the first :meth:`EpochPlan.done` samples
+first ``min(k W, total)`` positions are consumed, i.e. the first `done()` samples
 of the epoch's order. A resize or a change of padding continues with a new segment that starts
-there (:meth:`EpochPlan.resegment`): none repeated, none lost.
+there (`resegment()`): none repeated, none lost.
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
 
 
 class _PrefetchIterator(Iterator[Any]):
-    """One pass of a :class:`CudaPrefetcher` over its iterable."""
+    """One pass of a `CudaPrefetcher` over its iterable."""
 
     def __init__(self, owner: CudaPrefetcher) -> None:
         self._owner = owner

@@ -1,13 +1,13 @@
 """DistributedSampler: every rank a disjoint slice of an epoch-seeded order, O(1) memory,
 exact and elastic resume, with torch's and torchdata's iteration semantics.
 
-The layout arithmetic is :class:`horovod_iter.plan.EpochPlan`'s; this module adds the position:
-a :class:`Cursor` (a plan frozen at ``iter()`` plus the slots taken so far). Semantics:
+The layout arithmetic is `EpochPlan`'s; this module adds the position:
+a `Cursor` (a plan frozen at ``iter()`` plus the slots taken so far). Semantics:
 
 * every ``iter()`` starts the current epoch from its beginning (torch's rule), except the first
-  ``iter()`` after :meth:`DistributedSampler.load_state_dict` (or :meth:`~DistributedSampler.
-  set_world`), which resumes at the loaded position (torchdata ``StatefulDataLoader``'s rule);
-* :meth:`~DistributedSampler.state_dict` describes what the current iterator has yielded, so
+  ``iter()`` after `load_state_dict()` (or `
+  set_world()`), which resumes at the loaded position (torchdata ``StatefulDataLoader``'s rule);
+* `state_dict()` describes what the current iterator has yielded, so
   torchdata's ``StatefulDataLoader``/``SamplerWrapper`` and a plain DataLoader loop
   (``num_workers=0``) resume exactly with no extra call;
 * ``set_epoch()`` affects the next ``iter()``, never a pass in flight.
@@ -82,7 +82,7 @@ class Cursor:
 
     ``first`` is where the pass began (0, or the resumed slot); ``slot`` moves as samples are
     handed out. Whoever hands samples out advances it: the sampler's own iterator per index,
-    :class:`horovod_iter.DistributedLoader` per batch handed to the user (never prefetched).
+    `DistributedLoader` per batch handed to the user (never prefetched).
     """
 
     __slots__ = ("_end", "first", "plan", "slot")
@@ -136,7 +136,7 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         num_replicas: number of ranks; defaults to the backend's size (Horovod,
             torch.distributed or 1). No collective is run.
         rank: this rank; defaults to the backend's rank.
-        shuffle: shuffle the order each epoch (see :mod:`horovod_iter.permutation`).
+        shuffle: shuffle the order each epoch (see `permutation`).
         seed: int seed shared by all ranks; ``None`` lets rank 0 draw one, broadcast at the
             first ``iter()`` or ``state_dict()`` (a collective: call those on every rank).
         drop_last: cut the tail so that every rank gets ``floor(n / W)`` samples.
@@ -150,17 +150,19 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
     resumes exactly under torchdata's ``StatefulDataLoader`` and ``SamplerWrapper``, and in a
     plain ``DataLoader`` loop with ``num_workers=0`` (with workers, torch's DataLoader reads
     indices ahead of the batches it hands out: use ``StatefulDataLoader`` or
-    :class:`horovod_iter.DistributedLoader`).
+    `DistributedLoader`).
 
     Example:
-        >>> sampler = DistributedSampler(dataset, seed=42)
-        >>> loader = DataLoader(dataset, batch_size=32, sampler=sampler)
-        >>> for epoch in range(start_epoch, epochs):
-        ...     sampler.set_epoch(epoch)
-        ...     for batch in loader:
-        ...         train_step(batch)
-        ...         if time_to_checkpoint:
-        ...             torch.save({"sampler": sampler.state_dict()}, path)
+        ```python
+        sampler = DistributedSampler(dataset, seed=42)
+        loader = DataLoader(dataset, batch_size=32, sampler=sampler)
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                train_step(batch)
+                if time_to_checkpoint:
+                    torch.save({"sampler": sampler.state_dict()}, path)
+        ```
 
     Raises:
         TypeError/ValueError: on a bad argument, naming it and the valid range.
@@ -210,7 +212,7 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
     def begin_iteration(self) -> Cursor:
         """Start a pass: the loaded position if a load is pending, else the epoch's beginning.
 
-        The returned cursor becomes the one :meth:`state_dict` describes; advance it as
+        The returned cursor becomes the one `state_dict()` describes; advance it as
         samples are handed out. ``iter()`` calls this; so does the loader.
         """
         self.seed  # noqa: B018 - resolves a seed=None broadcast on every rank alike

@@ -6,7 +6,7 @@ The ranks exchange small *messages*: one ``min``-allreduce of an int64 vector (`
   result says whether every rank sent the same (min == max). Every collective of a loader has
   this one shape and name sequence, so when the ranks drift apart (one rank iterating a loader
   that the others do not, a different configuration) the very next message pairs mismatched
-  headers and every rank in it raises :class:`ConfigMismatchError` at once;
+  headers and every rank in it raises `ConfigMismatchError` at once;
 * what each rank knows of its data: ``known`` (batches it has, counted from the pass start)
   and ``end`` (its batch count once its data ended). Their min and max tell every rank, from
   the same messages, the steps at which all ranks have data (``< min known``), at which some
@@ -18,13 +18,13 @@ so the collective's latency is hidden) and reports them every ``every`` steps: u
 many as a 256 MB look-ahead holds, the smallest proposal of the ranks. Either way a message
 goes every ``every`` steps as a heartbeat (at most two in flight), and every pass ends with an
 ``END`` message that confirms all ranks ended at the same step - so a rank that stalls or dies
-is noticed within ``timeout``, also in an epoch shorter than the heartbeat period. Ranks that run out at different steps are
-resolved by ``uneven``:
+is noticed within ``timeout``, also in an epoch shorter than the heartbeat period. Ranks that
+run out at different steps are resolved by ``uneven``:
 
 * ``"stop"``: every rank stops at the first step at which any rank has no batch;
 * ``"pad"``: ranks that ran out yield empty batches (same structure, zero rows; a rank that
   never had data learns the structure from the others, in one collective) until all are done;
-* ``"error"``: every rank raises :class:`UnevenDataError`.
+* ``"error"``: every rank raises `UnevenDataError`.
 
 Every decision is a function of the step and of messages all ranks have completed, so every
 rank issues the same messages in the same order; ``close()`` waits for those in flight.
@@ -88,7 +88,7 @@ class EndOfDataSync(Iterator[Any]):
         backend: the ranks to agree with.
         uneven: ``"stop"``, ``"pad"`` or ``"error"``.
         timeout: seconds to wait for the other ranks before raising
-            :class:`DataTimeoutError` (``None``: forever).
+            `DataTimeoutError` (``None``: forever).
         name: names the Horovod ops (with ``ops``); the same on every rank.
         ops: the loader's message counter, shared by its passes (so that a rank one pass
             ahead pairs its messages with the others' and the mismatch is seen).

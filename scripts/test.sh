@@ -25,7 +25,15 @@ echo "== mypy"
 "$py" -m mypy horovod_iter
 if [ -f mkdocs.yml ]; then
   echo "== docs"
-  "$py" -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+  site=$(mktemp -d)
+  "$py" -m mkdocs build --strict --quiet --site-dir "$site"
+  # the site renders Markdown, not reST: a Sphinx role or a doctest prompt would show raw
+  if grep -rlE ':(class|func|meth|mod|attr|exc|data):`|&gt;&gt;&gt; ' "$site" --include=*.html; then
+    echo "docs: raw Sphinx roles or doctest prompts in the pages above; use backticks and" \
+         "fenced python blocks in docstrings" >&2
+    exit 1
+  fi
+  rm -rf "$site"
 fi
 echo "== pytest"
 "$py" -m pytest "$@"

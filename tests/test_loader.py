@@ -36,17 +36,81 @@ def test_stop_gives_equal_step_counts(launcher):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-@pytest.mark.parametrize("mode", ["next", "get_next", "optional"])
-def test_pad_rank_without_any_data_errors_clearly(launcher, mode):
-    lengths = [7, 12, 0]
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pad_rank_without_any_data_gets_well_formed_empty_batches(launcher, workers):
+    """3 files over 4 ranks, the common evaluation case: the rank with no data learns the
+    batch structure from the others (one collective at the first uneven step)."""
+    res = run(launcher, 4, data="iter", lengths=[7, 12, 5, 0], batch_size=2, uneven="pad",
+              workers=workers, scalar_leaf=True)
+    assert [r["error"] for r in res] == [None] * 4
+    assert [len(r["batches"]) for r in res] == [6] * 4
+    assert res[3]["batches"] == [[]] * 6 and res[3]["stats"]["padded_steps"] == 6
+    assert sorted(i for r in res for i in flat(r["batches"])) == list(range(24))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_pad_with_a_zero_dim_leaf(launcher):
+    res = run(launcher, 2, data="iter", lengths=[2, 9], batch_size=2, uneven="pad",
+              scalar_leaf=True)
+    assert [r["error"] for r in res] == [None] * 2  # the worker checks ntok == rows, 0 too
+    assert res[0]["batches"][1:] == [[]] * 4
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_short_epoch_stall_is_detected_by_every_rank(launcher):
+    """50 steps per epoch, rank 1 asleep at step 3 for longer than the timeout: the others
+    do not finish and leave; they raise at the end-of-epoch confirmation, naming the step."""
     res = launch(launcher, 3, "loader_run.py", json.dumps(dict(
-        data="iter", lengths=lengths, batch_size=2, uneven="pad", mode=mode, timeout=5)),
+        n=300, batch_size=2, timeout=3, stall=[1, 3, 12])), timeout=120, expect_fail=None)
+    for r in (res[0], res[2]):
+        assert r is not None and r["error"] is not None and r["rank_failure"], r
+        assert "step 50" in r["error"], r["error"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("data", ["map", "iter"])
+def test_one_rank_iterating_alone_is_refused_at_once(launcher, data):
+    import time
+
+    t0 = time.time()
+    res = launch(launcher, 2, "loader_run.py", json.dumps(dict(
+        data=data, n=400, lengths=[300, 300], batch_size=2, peek_rank=0, timeout=60)),
         timeout=120, expect_fail=None)
-    # rank 2 has no data at all: it cannot learn the batch structure from an iterable; the
-    # others do not hang: they fail within the timeout (or when rank 2's exit breaks the link)
-    assert "had no data at all" in res[2]["error"]
-    for r in res[:2]:
-        assert r is None or r["error"] is not None
+    for r in res:
+        assert r is not None and r["mismatch_error"], r
+        assert "iterate the loader on every rank" in r["error"]
+    assert time.time() - t0 < 50  # at once, not after the 60 s timeout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_raising_iterable_names_rank_and_step(launcher, workers):
+    res = launch(launcher, 2, "loader_run.py", json.dumps(dict(
+        data="iter", lengths=[20, 20], batch_size=2, raise_at=[1, 7], workers=workers,
+        timeout=20)), timeout=120, expect_fail=None)
+    err = res[1]["error"]
+    assert err.startswith("SampleError") and "rank 1" in err and "step 3" in err, err
+    assert "corrupt record" in err
+    assert res[0]["error"] is not None and res[0]["rank_failure"], res[0]
+
+
+@pytest.mark.distributed
+def test_loader_before_the_trainers_init_process_group(tmp_path):
+    res = launch("torch", 2, "init_order.py", timeout=120)
+    assert [r["sum"] for r in res] == [3, 3]
+    assert [r["backend"] for r in res] == ["torch", "torch"]
+    assert sorted(i for r in res for b in r["batches"] for i in b) == list(range(10))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_device_transform_runs_in_the_pipeline(launcher):
+    res = run(launcher, 2, n=20, batch_size=3, device_transform="double")
+    assert [r["error"] for r in res] == [None] * 2  # the worker checks x == 2 * id
 
 
 @pytest.mark.distributed

@@ -2,8 +2,8 @@
 
 Horovod's ``TorchState`` looks up a handler for each attribute in the registry of
 ``horovod.torch.elastic.state``. Importing this module (``import horovod_iter`` does when
-Horovod is installed) adds handlers for :class:`~horovod_iter.DistributedLoader` and
-:class:`~horovod_iter.DistributedSampler`; they use only the public ``state_dict()``,
+Horovod is installed) adds handlers for `DistributedLoader` and
+`DistributedSampler`; they use only the public ``state_dict()``,
 ``load_state_dict()`` and ``abandon()``:
 
 * ``commit()``/``save()`` keeps the state dict: a few integers, O(1) in the dataset (Horovod's
@@ -55,7 +55,7 @@ class _StateDictHandler(hvd_state.StateHandler):
 
 
 class LoaderStateHandler(_StateDictHandler):
-    """Save/restore/sync a :class:`DistributedLoader` in a Horovod elastic state."""
+    """Save/restore/sync a `DistributedLoader` in a Horovod elastic state."""
 
     def restore(self) -> None:
         self.value.abandon()
@@ -71,7 +71,7 @@ class LoaderStateHandler(_StateDictHandler):
 
 
 class SamplerStateHandler(_StateDictHandler):
-    """Save/restore/sync a standalone :class:`DistributedSampler`."""
+    """Save/restore/sync a standalone `DistributedSampler`."""
 
     def sync(self) -> None:
         sampler: DistributedSampler = self.value

@@ -5,7 +5,9 @@ global_batch_size, uneven, prefetch, workers, shuffle, seed, epoch, stop_after (
 save state to state_out), state_in (load before iterating), stall (rank, step, seconds),
 timeout, batch_size_by_rank (override per rank), mode ("next", "get_next", "optional"),
 kill (rank, step: that rank SIGKILLs itself there; the others ignore the launcher's SIGTERM so
-that they show their own error), epochs (iterate this many epochs, reporting all batches).
+that they show their own error), peek_rank (that rank alone peeks a batch first), raise_at
+(rank, index: the iterable raises KeyError there), scalar_leaf (batches carry a 0-dim
+"ntok" tensor), device_transform ("double": x doubled by a device transform).
 """
 import json
 import os
@@ -39,18 +41,33 @@ class Ids(Dataset):
 
 
 class PerRank(IterableDataset):
-    """Rank r yields lengths[r] globally unique ids (uneven on purpose)."""
+    """Rank r yields lengths[r] globally unique ids (uneven on purpose), split over workers."""
 
-    def __init__(self, lengths):
+    def __init__(self, lengths, raise_at=None):
         self.lengths = lengths
+        self.raise_at = raise_at
 
     def __iter__(self):
         first = sum(self.lengths[:rank])
-        for i in range(first, first + self.lengths[rank]):
+        ids = range(first, first + self.lengths[rank])
+        for i in hi.shard(ids, rank=0, num_replicas=1):
+            if self.raise_at and self.raise_at[0] == rank and self.raise_at[1] == i - first:
+                raise KeyError(f"corrupt record {i}")
             yield {"id": torch.tensor(i), "x": torch.full((3,), float(i))}
 
 
-ds = Ids(cfg["n"]) if cfg.get("data", "map") == "map" else PerRank(cfg["lengths"])
+def with_ntok(samples):
+    batch = torch.utils.data.default_collate(samples)
+    batch["ntok"] = torch.tensor(len(samples))  # a 0-dim leaf: a token count
+    return batch
+
+
+def double(batch):
+    return {**batch, "x": batch["x"] * 2}
+
+
+ds = Ids(cfg["n"]) if cfg.get("data", "map") == "map" else PerRank(cfg["lengths"],
+                                                                    cfg.get("raise_at"))
 stall = cfg.get("stall")
 bs = cfg.get("batch_size_by_rank", {}).get(str(rank), cfg.get("batch_size"))
 kwargs = dict(uneven=cfg.get("uneven", "stop"), prefetch=cfg.get("prefetch", 2),
@@ -61,6 +78,10 @@ else:
     kwargs["batch_size"] = bs
 if cfg.get("data", "map") == "map":
     kwargs.update(shuffle=cfg.get("shuffle", True), seed=cfg.get("seed", 0))
+if cfg.get("scalar_leaf"):
+    kwargs["collate_fn"] = with_ntok
+if cfg.get("device_transform") == "double":
+    kwargs["device_transform"] = double
 out = {"rank": rank, "size": b.size, "local_size": b.local_size, "backend": b.name,
        "batches": [], "error": None}
 try:
@@ -73,6 +94,8 @@ try:
         out["len"] = len(loader)
     except TypeError:
         out["len"] = None
+    if cfg.get("peek_rank") == rank:
+        next(iter(loader))
     it = iter(loader)
     step = 0
     while True:
@@ -101,13 +124,17 @@ try:
             except StopIteration:
                 break
         assert batch["x"].shape[1:] == (3,) and batch["x"].shape[0] == batch["id"].shape[0]
-        assert torch.equal(batch["x"][:, 0], batch["id"].float())
+        factor = 2.0 if cfg.get("device_transform") else 1.0
+        assert torch.equal(batch["x"][:, 0], batch["id"].float() * factor)
+        if cfg.get("scalar_leaf"):
+            assert batch["ntok"].dim() == 0 and int(batch["ntok"]) == batch["id"].shape[0]
         out["batches"].append(batch["id"].tolist())
         step += 1
     out["stats"] = loader.stats()
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
     out["timeout_error"] = isinstance(e, hi.DataTimeoutError)
+    out["mismatch_error"] = isinstance(e, hi.ConfigMismatchError)
     out["rank_failure"] = isinstance(e, hi.RankFailureError)
 out["t_end"] = time.time()
 report(out)

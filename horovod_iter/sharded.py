@@ -1,0 +1,277 @@
+"""ShardedDataset: streaming data in shards, each read by exactly one consumer, resumable on
+any world size and worker count.
+
+A *consumer* is one DataLoader worker of one rank (``rank * workers + worker``; one per rank
+without workers). Each epoch the shards are put in an order that is a pure function of
+(seed, epoch) - :func:`horovod_iter.permutation.permute`, the sampler's - identical on every
+rank with no communication, and dealt round-robin to the consumers: shard at position ``p``
+goes to consumer ``p mod C``. Every shard is read by exactly one consumer, so the world reads
+the data once (``horovod_iter.shard`` makes every consumer read all of it).
+
+Position: a consumer reads its shards in order, so its progress is two integers, ``done``
+(shards finished) and ``offset`` (samples consumed of the next one). The loader keeps, per
+consumer, the progress as of the last batch handed to the user, and its ``state_dict()`` holds
+all consumers' (gathered over the ranks). Resume:
+
+* same consumer count: every consumer continues its own shards where it stopped - exactly the
+  uninterrupted stream;
+* another world size or worker count: the shards in progress (continuing at their offsets),
+  then the shards not started, in the epoch's order, are dealt anew over the new consumers.
+
+Within a shard, consumed samples are skipped by re-reading them, or by seeking when ``read``
+accepts a ``start=`` keyword.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Callable
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .backend import get_backend
+from .errors import SampleError
+from .permutation import permute
+
+__all__ = ["ShardedDataset"]
+
+_STATE_TYPE = "horovod_iter.ShardedDataset"
+_STATE_VERSION = 1
+
+
+class ShardedDataset(IterableDataset[Any]):
+    """An ``IterableDataset`` over shards, dealt to the (rank x worker) consumers.
+
+    Args:
+        shards: the shards: paths, URLs, or any picklable descriptors.
+        read: ``read(shard) -> iterable of samples``. If it accepts ``start=``, a resume seeks
+            (``read(shard, start=k)`` must yield from the k-th sample on) instead of skipping.
+        shuffle: a new shard order each epoch, from (seed, epoch).
+        seed: the order's seed, the same on every rank.
+        sizes: the shards' sample counts, if known: gives ``len()``.
+        shuffle_buffer: shuffle samples within each consumer's stream through a buffer of
+            this many samples (seeded; every sample still exactly once). A resume with a
+            buffer needs the same world size and worker count.
+        rank, num_replicas: this rank and the world size (default: the backend's; the
+            loader keeps them current across Horovod elastic resets).
+
+    Use it with :class:`DistributedLoader`, whose ``state_dict()`` then holds the position of
+    every consumer (``uneven="pad"`` gives every sample exactly once; ``"stop"`` stops at the
+    shortest rank). Example:
+
+    ```python
+    ds = hi.ShardedDataset(sorted(glob("train-*.jsonl")), read_jsonl, seed=0)
+    loader = hi.DistributedLoader(ds, batch_size=64, num_workers=4, uneven="pad")
+    ```
+    """
+
+    #: the loader resumes it from every consumer's state, on any number of consumers
+    elastic_state = True
+
+    def __init__(self, shards: Sequence[Any], read: Callable[..., Iterable[Any]], *,
+                 shuffle: bool = True, seed: int = 0, sizes: Sequence[int] | None = None,
+                 shuffle_buffer: int = 0, rank: int | None = None,
+                 num_replicas: int | None = None) -> None:
+        if isinstance(shards, (str, bytes)) or not isinstance(shards, Sequence):
+            raise TypeError(f"shards must be a sequence of shard descriptors (e.g. a list of "
+                            f"paths), got {type(shards).__name__}")
+        if not callable(read):
+            raise TypeError(f"read must be a function read(shard) -> iterable of samples, "
+                            f"got {read!r}")
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if sizes is not None and (len(sizes) != len(shards) or any(
+                not isinstance(n, int) or n < 0 for n in sizes)):
+            raise ValueError(f"sizes must give an int >= 0 for each of the {len(shards)} "
+                             f"shards, got {sizes!r}")
+        if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
+        self.shards = list(shards)
+        self.read = read
+        self.shuffle = shuffle
+        self.seed = seed
+        self.sizes = None if sizes is None else list(sizes)
+        self.shuffle_buffer = shuffle_buffer
+        if rank is None or num_replicas is None:
+            b = get_backend()
+            rank = b.rank if rank is None else rank
+            num_replicas = b.size if num_replicas is None else num_replicas
+        self.set_world(num_replicas, rank)
+        self.epoch = 0
+        try:
+            self._seeks = "start" in inspect.signature(read).parameters
+        except (TypeError, ValueError):
+            self._seeks = False
+        self._resume: dict[str, Any] | None = None
+        self._consumer = (0, 1)        # (consumer, consumers) of the current iteration
+        self._progress = [0, 0, 0]     # done shards, offset in the next one, yielded
+
+    # -- layout ---------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard order (call it every epoch, as the loader does)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def set_world(self, num_replicas: int, rank: int) -> None:
+        """This rank's place in the world (the loader calls it after an elastic reset)."""
+        if not isinstance(num_replicas, int) or num_replicas < 1 or not (
+                isinstance(rank, int) and 0 <= rank < num_replicas):
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank!r}, "
+                             f"num_replicas={num_replicas!r}")
+        self.rank, self.num_replicas = rank, num_replicas
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        """The epoch's shard order (indices into ``shards``)."""
+        e = self.epoch if epoch is None else epoch
+        n = len(self.shards)
+        if not self.shuffle or not n:
+            return list(range(n))
+        order: list[int] = permute(np.arange(n), n, self.seed, e).tolist()
+        return order
+
+    def _plan(self, consumer: int, consumers: int) -> list[tuple[int, int]]:
+        """This consumer's (shard index, first sample) list for the pass."""
+        order = self.order()
+        resume = self._resume
+        if resume is None or resume["epoch"] != self.epoch:
+            return [(s, 0) for s in order[consumer::consumers]]
+        saved_c, progress = resume["consumers"], resume["progress"]
+        lists = [order[c::saved_c] for c in range(saved_c)]
+        if saved_c == consumers:  # continue exactly where this consumer stopped
+            done, offset, _ = progress[consumer]
+            rest = lists[consumer][done:]
+            return [(s, offset if k == 0 else 0) for k, s in enumerate(rest)]
+        # another layout: the shards in progress, then those not started, dealt anew
+        where = {s: p for p, s in enumerate(order)}
+        partial: list[tuple[int, int]] = []
+        fresh: list[tuple[int, int]] = []
+        for c, (done, offset, _) in enumerate(progress):
+            for k, s in enumerate(lists[c][done:]):
+                (partial if k == 0 and offset else fresh).append((s, offset if k == 0 else 0))
+        todo = sorted(partial, key=lambda x: where[x[0]]) + sorted(fresh,
+                                                                  key=lambda x: where[x[0]])
+        return todo[consumer::consumers]
+
+    def __len__(self) -> int:
+        """Samples this rank reads in a full epoch (needs ``sizes``)."""
+        if self.sizes is None:
+            raise TypeError("len() of a ShardedDataset needs the shard sizes: pass sizes=")
+        order = self.order()
+        return sum(self.sizes[s] for s in order[self.rank::self.num_replicas])
+
+    # -- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        consumers = self.num_replicas * workers
+        consumer = self.rank * workers + worker
+        if (self.shuffle_buffer and self._resume is not None
+                and self._resume["consumers"] != consumers):
+            raise ValueError(
+                f"this state was saved by {self._resume['consumers']} consumers (ranks x "
+                f"workers) with a shuffle buffer, which resumes only on as many; this run has "
+                f"{consumers}. Resume with the same world size and num_workers, or use "
+                "shuffle_buffer=0 to resume on any")
+        resuming = self._resume is not None and self._resume["epoch"] == self.epoch
+        self._consumer = (consumer, consumers)
+        if self.shuffle_buffer:  # replay this consumer's seeded stream to where it stopped
+            skip = self._resume["progress"][consumer][2] if resuming else 0  # type: ignore[index]
+            self._progress = [0, 0, 0]
+            plan = [(s, 0) for s in self.order()[consumer::consumers]]
+            stream = self._count(self._shuffled(self._samples(plan), consumer))
+            return itertools.islice(stream, skip, None)
+        plan = self._plan(consumer, consumers)
+        self._progress = [0, plan[0][1] if plan else 0, 0]
+        if resuming and self._resume["consumers"] == consumers:  # type: ignore[index]
+            self._progress[0] = self._resume["progress"][consumer][0]  # type: ignore[index]
+        return self._count(self._samples(plan))
+
+    def _samples(self, plan: list[tuple[int, int]]) -> Iterator[Any]:
+        for shard, start in plan:
+            offset = start
+            try:
+                if start and self._seeks:
+                    it = iter(self.read(self.shards[shard], start=start))
+                else:
+                    it = itertools.islice(iter(self.read(self.shards[shard])), start, None)
+                for sample in it:
+                    offset += 1
+                    self._progress[1] = offset
+                    yield sample
+            except Exception as e:
+                raise SampleError(
+                    f"rank {self.rank} (consumer {self._consumer[0]} of {self._consumer[1]}): "
+                    f"reading shard {self.shards[shard]!r} (#{shard}) failed at sample "
+                    f"{offset}: {type(e).__name__}: {e}") from e
+            self._progress[0] += 1
+            self._progress[1] = 0
+
+    def _shuffled(self, samples: Iterator[Any], consumer: int) -> Iterator[Any]:
+        rng = random.Random(f"{self.seed}:{self.epoch}:{consumer}")
+        buf: list[Any] = []
+        for sample in samples:
+            buf.append(sample)
+            if len(buf) >= self.shuffle_buffer:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def _count(self, samples: Iterator[Any]) -> Iterator[Any]:
+        for sample in samples:
+            self._progress[2] += 1
+            yield sample
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This consumer's position as of the samples it yielded (inside its worker)."""
+        consumer, consumers = self._consumer
+        done, offset, yielded = self._progress
+        return {"consumer": consumer, "consumers": consumers, "epoch": self.epoch,
+                "done": done, "offset": offset, "yielded": yielded}
+
+    def merge_states(self, states: Sequence[dict[str, Any] | None],
+                     consumers: int) -> dict[str, Any]:
+        """All consumers' states (``None``: nothing handed yet) as one resumable state."""
+        return {"type": _STATE_TYPE, "version": _STATE_VERSION, "epoch": self.epoch,
+                "consumers": consumers, "shards": len(self.shards), "seed": self.seed,
+                "shuffle": self.shuffle,
+                "progress": [[s["done"], s["offset"], s["yielded"]] if s else [0, 0, 0]
+                             for s in states]}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Make the next iteration resume from a merged state (``None``: start afresh)."""
+        if state is None:
+            self._resume = None
+            return
+        if not isinstance(state, dict) or state.get("type") != _STATE_TYPE:
+            raise ValueError(f"not a ShardedDataset state: {state!r:.200}")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"ShardedDataset state version {state.get('version')!r} is not "
+                             f"supported (expected {_STATE_VERSION})")
+        for key, mine in (("shards", len(self.shards)), ("seed", self.seed),
+                          ("shuffle", self.shuffle)):
+            if state.get(key) != mine:
+                raise ValueError(f"the ShardedDataset state was saved with {key}="
+                                 f"{state.get(key)!r}, but this dataset has {key}={mine!r}; "
+                                 f"build it with {key}={state.get(key)!r}")
+        progress = state.get("progress")
+        consumers = state.get("consumers")
+        if not isinstance(consumers, int) or consumers < 1 or not isinstance(progress, list) \
+                or len(progress) != consumers:
+            raise ValueError("invalid ShardedDataset state: 'progress' must list [done, "
+                             "offset] for each of 'consumers'")
+        try:
+            rows = [[int(d), int(o), int(y)] for d, o, y in progress]
+        except (TypeError, ValueError):
+            raise ValueError("invalid ShardedDataset state: each 'progress' entry must be "
+                             "[done, offset, yielded]") from None
+        self._resume = {"epoch": state["epoch"], "consumers": consumers, "progress": rows}
+        self.epoch = int(state["epoch"])

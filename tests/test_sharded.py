@@ -1,0 +1,250 @@
+"""ShardedDataset and stateful iterables: each record exactly once per epoch over the world,
+resumable mid-epoch on other world sizes, worker counts and launchers, with real launches."""
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from harness import launch
+
+import horovod_iter as hi
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def write_shards(d: Path, sizes) -> int:
+    k = 0
+    for i, n in enumerate(sizes):
+        with open(d / f"s{i:03d}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"id": k}) + "\n")
+                k += 1
+    return k
+
+
+def ids(res, epoch=0):
+    return [i for r in res for b in r["epochs"][str(epoch)] for i in b]
+
+
+def run(launcher, n, timeout=180, **cfg):
+    return launch(launcher, n, "sharded_run.py", json.dumps(cfg), timeout=timeout)
+
+
+# layouts: fewer shards than consumers, more, empty shards, one huge shard
+LAYOUTS = {"few": [7, 5], "many": [3, 9, 0, 4, 11, 6, 2, 8, 5, 1, 7, 3], "empty": [0, 6, 0, 0, 9],
+           "huge": [1, 400, 2, 3]}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["horovod", "torch"])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_record_exactly_once_and_a_new_order_each_epoch(launcher, workers, layout,
+                                                              tmp_path):
+    total = write_shards(tmp_path, LAYOUTS[layout])
+    world = 3 if layout != "huge" else 2
+    res = run(launcher, world, dir=str(tmp_path), batch_size=4, workers=workers,
+              epochs=[0, 1])
+    assert [r["error"] for r in res] == [None] * world
+    for e in (0, 1):
+        assert sorted(ids(res, e)) == list(range(total)), (layout, e)
+        assert len({len(r["epochs"][str(e)]) for r in res}) == 1  # lockstep
+    if layout == "many":
+        assert ids(res, 0) != ids(res, 1)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("before, after", [
+    (("horovod", 3, 0), ("torch", 2, 2)),
+    (("torch", 2, 2), ("horovod", 4, 0)),
+    (("horovod", 2, 1), ("horovod", 2, 1)),
+])
+def test_checkpoint_mid_epoch_resumes_on_another_world_exactly_once(before, after, tmp_path):
+    total = write_shards(tmp_path, LAYOUTS["many"])
+    state = tmp_path / "state.json"
+    (l1, n1, w1), (l2, n2, w2) = before, after
+    first = run(l1, n1, dir=str(tmp_path), batch_size=3, workers=w1, stop_after=3,
+                state_out=str(state), epochs=[1])
+    assert [r["error"] for r in first] == [None] * n1
+    rest = run(l2, n2, dir=str(tmp_path), batch_size=3, workers=w2, state_in=str(state),
+               epochs=[1])
+    assert [r["error"] for r in rest] == [None] * n2
+    seen = ids(first, 1) + ids(rest, 1)
+    assert len(ids(first, 1)) == 3 * 3 * n1
+    assert sorted(seen) == list(range(total)), Counter(Counter(seen).values())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["horovod", "torch"])
+def test_a_read_that_raises_names_the_shard_and_the_rank(launcher, tmp_path):
+    write_shards(tmp_path, [4] * 6)
+    res = launch(launcher, 2, "sharded_run.py", json.dumps(dict(
+        dir=str(tmp_path), batch_size=2, raise_shard=4)), timeout=120, expect_fail=None)
+    errors = [r["error"] for r in res if r and r["error"]]
+    assert any("s004.jsonl" in e and "disk read error" in e and "rank" in e for e in errors), res
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["horovod", "torch"])
+def test_stateful_iterable_resumes_without_replay(launcher, tmp_path):
+    state = tmp_path / "state.json"
+    first = run(launcher, 2, stateful_stream=50, batch_size=4, stop_after=5,
+                state_out=str(state))
+    assert [r["error"] for r in first] == [None] * 2
+    rest = run(launcher, 2, stateful_stream=50, batch_size=4, state_in=str(state))
+    for a, b in zip(first, rest):
+        seen = [i % 1_000_000 for bt in a["epochs"]["0"] + b["epochs"]["0"] for i in bt]
+        assert seen == list(range(50))
+        assert b["generated"] == 30  # no replay: only the 30 samples after the 20 consumed
+
+
+# ---- in one process ---------------------------------------------------------------------
+def read_jsonl(path):
+    with open(path) as f:
+        for line in f:
+            yield json.loads(line)["id"]
+
+
+def test_seek_is_used_when_read_accepts_start(tmp_path):
+    total = write_shards(tmp_path, [10, 10])
+    calls = []
+
+    def read(path, start=0):
+        calls.append(start)
+        with open(path) as f:
+            for k, line in enumerate(f):
+                if k >= start:
+                    yield json.loads(line)["id"]
+
+    shards = sorted(map(str, tmp_path.glob("*.jsonl")))
+    loader = hi.DistributedLoader(hi.ShardedDataset(shards, read, seed=0), batch_size=3,
+                                  collate_fn=torch.tensor)
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(2)]
+    state = loader.state_dict()
+    again = hi.DistributedLoader(hi.ShardedDataset(shards, read, seed=0), batch_size=3,
+                                 collate_fn=torch.tensor)
+    again.load_state_dict(state)
+    calls.clear()
+    rest = [i for b in again for i in b.tolist()]
+    assert calls[0] == 6  # sought, not re-read
+    assert sorted([i for b in head for i in b] + rest) == list(range(total))
+
+
+def test_shuffle_buffer_is_exactly_once_and_resumes_on_the_same_layout(tmp_path):
+    total = write_shards(tmp_path, [20, 30, 10])
+    shards = sorted(map(str, tmp_path.glob("*.jsonl")))
+
+    def make():
+        return hi.DistributedLoader(hi.ShardedDataset(shards, read_jsonl, seed=0,
+                                                      shuffle_buffer=8),
+                                    batch_size=4, collate_fn=torch.tensor)
+
+    full = [i for b in make() for i in b.tolist()]
+    assert sorted(full) == list(range(total)) and full != sorted(full)
+    loader = make()
+    it = iter(loader)
+    head = [i for _ in range(5) for i in next(it).tolist()]
+    again = make()
+    again.load_state_dict(loader.state_dict())
+    assert head + [i for b in again for i in b.tolist()] == full
+
+
+def test_len_with_sizes_and_bad_arguments(tmp_path):
+    write_shards(tmp_path, [3, 4])
+    shards = sorted(map(str, tmp_path.glob("*.jsonl")))
+    assert len(hi.ShardedDataset(shards, read_jsonl, sizes=[3, 4])) == 7
+    with pytest.raises(TypeError, match="sizes="):
+        len(hi.ShardedDataset(shards, read_jsonl))
+    with pytest.raises(TypeError, match="sequence of shard descriptors"):
+        hi.ShardedDataset("train-*.jsonl", read_jsonl)
+    with pytest.raises(ValueError, match="sizes must give"):
+        hi.ShardedDataset(shards, read_jsonl, sizes=[1])
+
+
+def test_stateless_iterable_resume_warns_about_replay():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    loader = hi.DistributedLoader(Stream(), batch_size=2)
+    it = iter(loader)
+    next(it)
+    again = hi.DistributedLoader(Stream(), batch_size=2)
+    again.load_state_dict(loader.state_dict())
+    with pytest.warns(UserWarning, match="replaying 1 batches"):
+        rest = [b.tolist() for b in again]
+    assert rest == [[2, 3], [4, 5], [6, 7], [8, 9]]
+
+
+def test_webdataset_layout_tar_shards(tmp_path):
+    """WebDataset's layout (samples as key.ext members of plain tar files), read with the
+    standard library."""
+    k = 0
+    for s in range(3):
+        with tarfile.open(tmp_path / f"shard-{s:02d}.tar", "w") as tar:
+            for _ in range(5 + s):
+                for ext, payload in (("cls", str(k % 10)), ("json", json.dumps({"id": k}))):
+                    data = payload.encode()
+                    info = tarfile.TarInfo(f"{k:06d}.{ext}")
+                    info.size = len(data)
+                    import io
+
+                    tar.addfile(info, io.BytesIO(data))
+                k += 1
+
+    def read_tar(path):
+        with tarfile.open(path) as tar:
+            sample: dict = {}
+            for m in tar:
+                key, ext = m.name.rsplit(".", 1)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = tar.extractfile(m).read()
+            if sample:
+                yield sample
+
+    shards = sorted(map(str, tmp_path.glob("*.tar")))
+    ds = hi.ShardedDataset(shards, read_tar, seed=1)
+    loader = hi.DistributedLoader(
+        ds, batch_size=4, collate_fn=lambda ss: [json.loads(s["json"])["id"] for s in ss])
+    got = [i for b in loader for i in b]
+    assert sorted(got) == list(range(k))
+
+
+def test_parquet_row_groups(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    k = 0
+    for s in range(3):
+        table = pa.table({"id": list(range(k, k + 10 + s))})
+        pq.write_table(table, tmp_path / f"part-{s}.parquet", row_group_size=4)
+        k += 10 + s
+    # each row group is a shard: (path, row group)
+    shards = [(str(p), g) for p in sorted(tmp_path.glob("*.parquet"))
+              for g in range(pq.ParquetFile(p).num_row_groups)]
+
+    def read_group(shard):
+        path, group = shard
+        yield from pq.ParquetFile(path).read_row_group(group).column("id").to_pylist()
+
+    loader = hi.DistributedLoader(hi.ShardedDataset(shards, read_group), batch_size=5,
+                                  collate_fn=torch.tensor)
+    assert sorted(i for b in loader for i in b.tolist()) == list(range(k))
+
+
+def test_hugging_face_datasets_through_the_loader():
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"id": list(range(50)), "x": [[float(i)] * 3
+                                                                 for i in range(50)]})
+    ds = ds.with_format("torch")
+    loader = hi.DistributedLoader(ds, batch_size=8, seed=0)
+    got = [b["id"] for b in loader]
+    assert sorted(torch.cat(got).tolist()) == list(range(50))
+    assert all(torch.equal(b["x"][:, 0], b["id"].float()) for b in loader)

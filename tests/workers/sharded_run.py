@@ -1,0 +1,85 @@
+"""A ShardedDataset of JSONL shards through the loader on every rank.
+
+argv[1]: JSON config: dir (shards written there by the test), batch_size, workers, uneven,
+epochs (list of epochs to run), stop_after (steps, then save the state to state_out on every
+rank: a collective), state_in (load before iterating), raise_shard (a shard index whose read
+raises), stateful_stream (use a custom stateful IterableDataset instead: n samples per rank).
+Reports the ids of every batch, per epoch.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from harness import report
+from torch.utils.data import IterableDataset
+
+import horovod_iter as hi
+
+cfg = json.loads(sys.argv[1])
+b = hi.init()
+out = {"rank": b.rank, "size": b.size, "epochs": {}, "error": None, "generated": 0}
+
+
+def read(path):
+    if cfg.get("raise_shard") is not None and path.endswith(f"/s{cfg['raise_shard']:03d}.jsonl"):
+        raise OSError("disk read error")
+    with open(path) as f:
+        for line in f:
+            yield json.loads(line)["id"]
+
+
+class Counting(IterableDataset):
+    """A stateful stream (torchdata's protocol): counts what it generates after a resume."""
+
+    def __init__(self, n):
+        self.n, self.start = n, 0
+        self.pos = 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        assert info is None, "this test stream is for workers=0"
+        for i in range(self.start, self.n):
+            self.pos = i + 1
+            out["generated"] += 1
+            yield b.rank * 1_000_000 + i
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.start = self.pos = state["pos"]
+
+
+def collate(samples):
+    return torch.tensor(samples)
+
+
+try:
+    if cfg.get("stateful_stream"):
+        ds = Counting(cfg["stateful_stream"])
+    else:
+        shards = sorted(str(p) for p in Path(cfg["dir"]).glob("s*.jsonl"))
+        ds = hi.ShardedDataset(shards, read, seed=3, shuffle_buffer=cfg.get("buffer", 0))
+    loader = hi.DistributedLoader(ds, batch_size=cfg["batch_size"], uneven=cfg.get("uneven", "pad"),
+                                  num_workers=cfg.get("workers", 0), collate_fn=collate,
+                                  timeout=60)
+    if cfg.get("state_in"):
+        loader.load_state_dict(json.loads(Path(cfg["state_in"]).read_text()))
+    for epoch in cfg.get("epochs", [0]):
+        loader.set_epoch(epoch)
+        got = []
+        for step, batch in enumerate(loader):
+            if cfg.get("stop_after") is not None and step == cfg["stop_after"]:
+                state = loader.state_dict()  # every rank: it gathers the consumers' positions
+                if b.rank == 0:
+                    Path(cfg["state_out"]).write_text(json.dumps(state))
+                break
+            got.append(batch.tolist())
+        out["epochs"][str(epoch)] = got
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+report(out)
+sys.stdout.flush()
+os._exit(0)
