@@ -194,7 +194,7 @@ class EndOfDataSync(Iterator[Any]):
                                                   name=name)
         except RankFailureError as e:  # a rank died: say where we were
             self._finish()
-            e.args = (f"{e} (while sending {_KINDS[kind]} message at step {step})",)
+            e.args = (f"{e} (while sending {_KINDS[kind]} of step {step})",)
             raise
         self._inflight.append((kind, step, handle, time.perf_counter()))
         self._next_issue = step + self._every
@@ -203,8 +203,9 @@ class EndOfDataSync(Iterator[Any]):
         kind, step, handle, _ = self._inflight.popleft()
         t0 = time.perf_counter()
         try:
-            res = handle.wait(self.timeout, what=f"the other ranks' {_KINDS[kind]} message "
-                              f"of step {step} (pass {self.serial})").tolist()
+            res = handle.wait(self.timeout, what=f"the other ranks at {_KINDS[kind]} of step "
+                              f"{step} (pass {self.serial}; this rank is at step "
+                              f"{self._step})").tolist()
         except RankFailureError:
             self._finish()
             raise
@@ -297,9 +298,12 @@ class EndOfDataSync(Iterator[Any]):
                 f"{'has one' if self._has(s) else 'has none'}). Use uneven='stop' to stop at "
                 "the shortest rank, uneven='pad' to pad with empty batches, or shard the data "
                 "evenly.")
-        if decision == "pad" and not self._has(s):
-            self.padded_steps += 1
-            return self._empty_batch(s)
+        if decision == "pad":
+            if self.num_batches is None and not self._template_shared:
+                self._share_template()  # the first padded step is the same on every rank
+            if not self._has(s):
+                self.padded_steps += 1
+                return self._empty_batch(s)
         return self._next_batch(s)
 
     def _own_failure(self, s: int) -> bool:
@@ -344,15 +348,16 @@ class EndOfDataSync(Iterator[Any]):
         self._done = True
         raise StopIteration
 
+    def _share_template(self) -> None:
+        """A rank that never had a batch learns the batch structure from one that had: an
+        empty batch of theirs, gathered (one collective, all ranks, first padded step)."""
+        self._template_shared = True
+        mine = None if self._template is None else empty_like(self._template)
+        shared = next((t for t in self.backend.allgather_object(mine) if t is not None), None)
+        if self._template is None:
+            self._template = shared
+
     def _empty_batch(self, s: int) -> Any:
-        if self.num_batches is None and not self._template_shared:
-            # the first padded step is the same on every rank: all take part
-            self._template_shared = True
-            mine = None if self._template is None else empty_like(self._template)
-            shared = next((t for t in self.backend.allgather_object(mine) if t is not None),
-                          None)
-            if self._template is None:
-                self._template = shared
         if self._template is None and self._empty is not None:
             self._template = self._empty()
         if self._template is None:
