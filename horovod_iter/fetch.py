@@ -18,25 +18,23 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
-from torch.utils.data._utils.collate import collate as _collate
-from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
+from torch.utils.data._utils.collate import default_collate
 
-from ._tree import ErrorBox, tree_structure
+from ._tree import ErrorBox
 from .backend import get_backend
 from .errors import SampleError
+from .gather import BatchFetcher
 from .plan import EpochPlan, steps_for
 
-__all__ = ["BatchFetcher", "FetchOptions", "HostSource", "host_batches", "is_stateful",
-           "pinned_collate", "plan_batches", "shard"]
+__all__ = ["FetchOptions", "HostSource", "host_batches", "is_stateful", "plan_batches",
+           "shard"]
 
 
 def shard(iterable: Iterable[Any], rank: int | None = None,
@@ -65,116 +63,6 @@ def shard(iterable: Iterable[Any], rank: int | None = None,
     workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
     stride, offset = num_replicas * workers, rank * workers + worker
     return itertools.islice(iterable, offset, None, stride)
-
-
-def _pinned_tensor_collate(batch: Sequence[torch.Tensor], *,
-                           collate_fn_map: dict | None = None) -> torch.Tensor:
-    elem = batch[0]
-    out = torch.empty((len(batch), *elem.shape), dtype=elem.dtype, pin_memory=True)
-    return torch.stack(list(batch), 0, out=out)
-
-
-_PINNED_MAP = {**default_collate_fn_map, torch.Tensor: _pinned_tensor_collate}
-
-
-def pinned_collate(batch: list[Any]) -> Any:
-    """``default_collate``, but tensors are stacked straight into pinned memory."""
-    return _collate(batch, collate_fn_map=_PINNED_MAP)
-
-
-def _first_odd_sample(samples: Sequence[Any]) -> tuple[int, Any, Any] | None:
-    """(position, first sample's structure, its structure) of the first sample that differs."""
-    if not samples:
-        return None
-    want = tree_structure(samples[0])
-    for k, s in enumerate(samples[1:], 1):
-        got = tree_structure(s)
-        if got != want:
-            return k, want, got
-    return None
-
-
-class BatchFetcher:
-    """Turns an index array into a collated batch (see the module docstring)."""
-
-    def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], Any] | None,
-                 pin: bool, rank: int, threads: int | None = None) -> None:
-        self.dataset = dataset
-        self.rank = rank
-        self.pin = pin
-        self.collate = collate_fn or (pinned_collate if pin else default_collate)
-        tensors = getattr(dataset, "tensors", None)
-        self._tensors: tuple[torch.Tensor, ...] | None = None
-        if (collate_fn is None and isinstance(tensors, (tuple, list)) and tensors
-                and all(isinstance(t, torch.Tensor) and not t.is_cuda for t in tensors)
-                and type(dataset).__getitem__ is torch.utils.data.TensorDataset.__getitem__):
-            self._tensors = tuple(tensors)
-        getitems = getattr(dataset, "__getitems__", None)
-        self._getitems = getitems if callable(getitems) else None
-        self._threads = threads or min(8, os.cpu_count() or 1)
-        self._pool: ThreadPoolExecutor | None = None
-
-    def __call__(self, indices: np.ndarray) -> Any:
-        try:
-            return self._fetch(indices)
-        except SampleError:
-            raise
-        except Exception as e:
-            shown = indices[:8].tolist()
-            more = "..." if len(indices) > 8 else ""
-            raise SampleError(
-                f"rank {self.rank}: fetching or collating the batch of sample indices "
-                f"{shown}{more} failed: {type(e).__name__}: {e}"
-            ) from e
-
-    def _fetch(self, indices: np.ndarray) -> Any:
-        if self._tensors is not None:
-            # default_collate of TensorDataset samples gives a list of stacked tensors
-            return [self._gather(t, indices) for t in self._tensors]
-        if self._getitems is not None:
-            samples = self._getitems(indices.tolist())
-        else:
-            samples = []
-            dataset = self.dataset
-            for i in indices.tolist():
-                try:
-                    samples.append(dataset[i])
-                except Exception as e:
-                    raise SampleError(f"rank {self.rank}: dataset[{i}] raised "
-                                      f"{type(e).__name__}: {e}") from e
-        try:
-            return self.collate(samples)
-        except Exception as e:
-            odd = _first_odd_sample(samples)
-            if odd is None:
-                raise
-            k, want, got = odd
-            raise SampleError(
-                f"rank {self.rank}: dataset[{int(indices[k])}] does not have the structure of "
-                f"dataset[{int(indices[0])}] in the same batch ({got} vs {want}), so the batch "
-                f"cannot be collated ({type(e).__name__}: {e}). Make every sample the same "
-                "structure and shape, or pass a collate_fn that handles them"
-            ) from e
-
-    def _gather(self, t: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
-        idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
-        out = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=self.pin)
-        nbytes = out.numel() * out.element_size()
-        if self._threads <= 1 or nbytes < (4 << 20):
-            return torch.index_select(t, 0, idx, out=out)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="horovod_iter-gather")
-        bounds = np.linspace(0, len(idx), self._threads + 1).astype(int)
-        futures = [self._pool.submit(torch.index_select, t, 0, idx[a:b], out=out[a:b])
-                   for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        for f in futures:
-            f.result()
-        return out
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
 
 
 @dataclass(frozen=True)

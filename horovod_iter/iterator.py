@@ -22,7 +22,8 @@ import torch
 
 from . import backend as _backend
 from .errors import OutOfRangeError
-from .fetch import BatchFetcher, HostSource
+from .fetch import HostSource
+from .gather import BatchFetcher
 from .prefetch import CudaPrefetcher
 from .progress import Progress, format_stats
 from .sampler import Cursor

@@ -20,12 +20,10 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import IterableDataset, Sampler
-from torch.utils.data.distributed import DistributedSampler as TorchDistributedSampler
 
 from .backend import Backend, get_backend, init
 from .errors import UnevenDataError
@@ -38,36 +36,37 @@ from .fetch import (
     sampler_batches,
 )
 from .iterator import DistributedIterator, Pass
+from .loader_config import check_arguments, loader_sampler, positive_int
+from .loader_state import (
+    BATCH,
+    DATASET,
+    EPOCH,
+    FINISHED,
+    GLOBAL_BATCH,
+    ITERATIONS,
+    MESSAGES,
+    SAMPLER,
+    SAMPLES,
+    STATE_TYPE,
+    STATE_VERSION,
+    STEPS,
+    TYPE,
+    UNEVEN_MODE,
+    VERSION,
+    WORLD,
+    Resume,
+    check_dataset_state,
+    gather_dataset_state,
+    validate,
+)
 from .plan import steps_for
 from .prefetch import resolve_device
 from .sampler import DistributedSampler, is_int
-from .sync import UNEVEN, MessageCounter, Uneven
+from .sync import MessageCounter, Uneven
 
 __all__ = ["DistributedIterator", "DistributedLoader"]
 
-_STATE_TYPE = "horovod_iter.DistributedLoader"
-_STATE_VERSION = 2
-_TYPE, _VERSION, _EPOCH, _STEPS, _WORLD = "type", "version", "epoch", "steps", "world_size"
-_BATCH, _GLOBAL_BATCH, _UNEVEN = "batch_size", "global_batch_size", "uneven"
-_FINISHED, _SAMPLES, _SAMPLER, _ITERATIONS = "finished", "samples", "sampler", "iterations"
-_MESSAGES, _DATASET = "messages", "dataset"
 _loader_ids = itertools.count()
-
-
-@dataclass
-class _Resume:
-    """What the next ``iter()`` resumes (after a load): batches and samples already handed
-    out in this epoch; our sampler keeps its own pending cursor alongside."""
-
-    steps: int
-    samples: int
-    finished: bool
-    dataset: Any = None  # a stateful iterable's saved state
-
-def _positive_int(name: str, value: Any) -> int:
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class DistributedLoader:
@@ -140,33 +139,21 @@ class DistributedLoader:
         self._global_size: int | None = None
         self._batch_size = 0
         if global_batch_size is not None:
-            self._global_size = _positive_int("global_batch_size", global_batch_size)
+            self._global_size = positive_int("global_batch_size", global_batch_size)
             self._per_rank(world)
         else:
-            self._batch_size = _positive_int("batch_size", batch_size)
-        if uneven not in UNEVEN:
-            raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
-        for name, value in (("prefetch", prefetch), ("num_workers", num_workers)):
-            if not is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-                timeout, (int, float)) or not timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, "
-                             f"got {timeout!r}")
-        for flag, value in (("drop_last", drop_last), ("progress", progress),
-                            ("log_stats", log_stats), ("shuffle", shuffle)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {value!r}")
-        if device_transform is not None and not callable(device_transform):
-            raise TypeError(f"device_transform must be callable, got {device_transform!r}")
-        if uneven == "pad" and drop_last:
-            raise ValueError("uneven='pad' counts every sample exactly once and drop_last=True "
-                             "drops samples; choose one")
+            self._batch_size = positive_int("batch_size", batch_size)
+        check_arguments(uneven=uneven, prefetch=prefetch, num_workers=num_workers,
+                        timeout=timeout, drop_last=drop_last, progress=progress,
+                        log_stats=log_stats, shuffle=shuffle,
+                        device_transform=device_transform)
         self.dataset = dataset
         self.is_iterable = isinstance(dataset, IterableDataset)
         self.uneven: Uneven = uneven
         self.drop_last = bool(drop_last)
-        self.sampler = self._make_sampler(sampler, shuffle, seed)
+        self.sampler = loader_sampler(dataset, sampler, self.backend, shuffle=shuffle,
+                                      seed=seed, drop_last=self.drop_last,
+                                      uneven=uneven)
         self.num_workers = int(num_workers)
         self.collate_fn = collate_fn
         self.worker_init_fn = worker_init_fn
@@ -178,7 +165,7 @@ class DistributedLoader:
         self._device_arg = device
         self._pin_arg = pin_memory
         self.epoch = 0
-        self._pending: _Resume | None = None  # set by a load, taken by the next iter()
+        self._pending: Resume | None = None  # set by a load, taken by the next iter()
         self._pass: Pass | None = None       # the latest pass of this epoch
         self._active: weakref.ReferenceType[DistributedIterator] | None = None
         #: this loader's number in the process (names its Horovod ops)
@@ -188,44 +175,6 @@ class DistributedLoader:
         self._iterations = 0
         self._gathered: dict[str, Any] | None = None  # the last state_dict() (iterables)
         self._last_stats: dict[str, Any] = {}
-
-    def _make_sampler(self, sampler: Sampler[Any] | None, shuffle: bool,
-                      seed: int | None) -> Sampler[Any] | None:
-        if self.is_iterable:
-            if sampler is not None:
-                raise ValueError("sampler is for map-style datasets; an IterableDataset decides "
-                                 "its own order (shard it with horovod_iter.ShardedDataset)")
-            return None
-        if not hasattr(self.dataset, "__getitem__") or not hasattr(self.dataset, "__len__"):
-            raise TypeError(
-                f"dataset must be a map-style dataset (with __getitem__ and __len__) or a "
-                f"torch IterableDataset, got {type(self.dataset).__name__}")
-        b = self.backend
-        if len(self.dataset) == 0:
-            raise ValueError(
-                f"rank {b.rank}: the dataset is empty (len 0), so there is nothing to "
-                "iterate; check the path or the split it was built from")
-        if sampler is None:
-            return DistributedSampler(self.dataset, b.size, b.rank, shuffle=shuffle, seed=seed,
-                                      drop_last=self.drop_last, pad=self.uneven == "stop",
-                                      backend=b)
-        if isinstance(sampler, DistributedSampler):
-            if sampler.num_replicas != b.size:
-                raise ValueError(
-                    f"the sampler was built for num_replicas={sampler.num_replicas}, but the "
-                    f"{b.name} backend has {b.size} ranks; build it with num_replicas={b.size}"
-                    " (or leave sampler out and let the loader build one)")
-            pads = sampler.pad and not sampler.drop_last
-        elif isinstance(sampler, TorchDistributedSampler):
-            pads = not sampler.drop_last and sampler.total_size > len(self.dataset)
-        else:
-            pads = False
-        if pads and self.uneven != "stop":
-            raise ValueError(
-                f"uneven={self.uneven!r} promises every sample exactly once, but the sampler "
-                "pads (it repeats samples to even out the ranks); pass "
-                "horovod_iter.DistributedSampler(dataset, pad=False), or leave sampler out")
-        return sampler
 
     # -- facts ------------------------------------------------------------------------
     def _per_rank(self, world: int) -> int:
@@ -247,6 +196,13 @@ class DistributedLoader:
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.backend.size
+
+    @property
+    def steps(self) -> int:
+        """Batches handed out in the current epoch (local: no collective, unlike
+        ``state_dict()`` of sharded data)."""
+        p = self._pending or self._pass
+        return p.steps if p is not None else 0
 
     @property
     def device(self) -> torch.device:
@@ -290,7 +246,7 @@ class DistributedLoader:
         self._propagate_epoch()
 
     def _propagate_epoch(self) -> None:
-        target = self.sampler if self.sampler is not None else self.dataset
+        target: Any = self.sampler if self.sampler is not None else self.dataset
         if callable(getattr(target, "set_epoch", None)):
             target.set_epoch(self.epoch)
 
@@ -320,8 +276,8 @@ class DistributedLoader:
                 b.size, b.rank):
             self.abandon()
             ds.set_world(b.size, b.rank)
-            if self._gathered is not None:  # the last state every rank agreed on
-                self.load_state_dict(self._gathered)
+            if self._pending is None and self._gathered is not None:
+                self.load_state_dict(self._gathered)  # the last state every rank agreed on
 
     def __iter__(self) -> DistributedIterator:
         self._follow_world()
@@ -406,93 +362,70 @@ class DistributedLoader:
         p = self._pending or self._pass
         world = p.world if isinstance(p, Pass) else self.backend.size
         state = {
-            _TYPE: _STATE_TYPE, _VERSION: _STATE_VERSION, _EPOCH: self.epoch,
-            _STEPS: p.steps if p else 0, _SAMPLES: p.samples if p else 0,
-            _FINISHED: p.finished if p else False, _WORLD: world,
-            _BATCH: p.batch_size if isinstance(p, Pass) else self.batch_size,
-            _GLOBAL_BATCH: self._global_size, _UNEVEN: self.uneven,
-            _ITERATIONS: self._iterations, _MESSAGES: self.messages.value,
-            _SAMPLER: None if own is None else own.state_dict(),
-            _DATASET: self._dataset_state(p),
+            TYPE: STATE_TYPE, VERSION: STATE_VERSION, EPOCH: self.epoch,
+            STEPS: p.steps if p else 0, SAMPLES: p.samples if p else 0,
+            FINISHED: p.finished if p else False, WORLD: world,
+            BATCH: p.batch_size if isinstance(p, Pass) else self.batch_size,
+            GLOBAL_BATCH: self._global_size, UNEVEN_MODE: self.uneven,
+            ITERATIONS: self._iterations, MESSAGES: self.messages.value,
+            SAMPLER: None if own is None else own.state_dict(),
+            DATASET: self._dataset_state(p),
         }
         if self.is_iterable and is_stateful(self.dataset):
             self._gathered = state
         return state
 
-    def _dataset_state(self, p: Pass | _Resume | None) -> Any:
-        """A stateful iterable's position: every consumer's state as of the last batch handed
-        out, gathered over the ranks (a collective: call ``state_dict()`` on every rank)."""
+    def _dataset_state(self, p: Pass | Resume | None) -> Any:
         if not (self.is_iterable and is_stateful(self.dataset)):
             return None
-        if isinstance(p, _Resume):
+        if isinstance(p, Resume):
             return p.dataset
-        consumers = self.backend.size * max(1, self.num_workers)
-        mine = dict(p.positions) if isinstance(p, Pass) else {}
-        states: list[Any] = [None] * consumers
-        parts = [mine] if self.backend.size == 1 else self.backend.allgather_object(mine)
-        for part in parts:
-            for c, st in part.items():
-                if c < consumers:
-                    states[c] = st
-        merge = getattr(self.dataset, "merge_states", None)
-        if getattr(self.dataset, "elastic_state", False) and callable(merge):
-            return merge(states, consumers)
-        return states
+        if p is None:  # nothing handed out this epoch, on any rank: no need to gather
+            return None
+        return gather_dataset_state(self.dataset, self.backend, self._consumers(), p.positions)
+
+    def _consumers(self) -> int:
+        return self.backend.size * max(1, self.num_workers)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next ``iter()`` resume exactly where ``state`` was saved: it yields the
         batches an uninterrupted run would have yielded next - with any prefetch depth and
         worker count, and (map-style data with our sampler) on another world size, backend,
         ``batch_size`` or ``uneven``. Positions are in samples."""
-        s = _validate(state)
+        s = validate(state)
         own, b = self._own_sampler(), self.backend
-        same_world = s[_WORLD] == b.size
+        same_world = s[WORLD] == b.size
         if own is not None:
-            if not isinstance(s.get(_SAMPLER), Mapping):
+            if not isinstance(s.get(SAMPLER), Mapping):
                 raise ValueError("loader state has no sampler state; it was saved by a loader "
                                  "over an IterableDataset or with a foreign sampler")
             if (own.num_replicas, own.rank) != (b.size, b.rank):
                 own.set_world(b.size, b.rank)
-            own.load_state_dict(s[_SAMPLER])
+            own.load_state_dict(s[SAMPLER])
         elif self.is_iterable and is_stateful(self.dataset):
             pass  # the dataset's own state says where; checked below
         elif not same_world:
             raise ValueError(
-                f"loader state was saved on {s[_WORLD]} ranks; without horovod_iter's "
+                f"loader state was saved on {s[WORLD]} ranks; without horovod_iter's "
                 f"sampler or state (an IterableDataset without state_dict(), or a foreign "
-                f"sampler) it can only be resumed on {s[_WORLD]} ranks, not {b.size}; use "
+                f"sampler) it can only be resumed on {s[WORLD]} ranks, not {b.size}; use "
                 "horovod_iter.ShardedDataset or DistributedSampler to resume on any")
-        elif self.sampler is None and s[_BATCH] != self.batch_size and s[_STEPS]:
+        elif self.sampler is None and s[BATCH] != self.batch_size and s[STEPS]:
             raise ValueError(
-                f"loader state was saved with batch_size={s[_BATCH]} (per rank) over an "
+                f"loader state was saved with batch_size={s[BATCH]} (per rank) over an "
                 f"IterableDataset, which resumes by replaying whole batches; build the loader "
-                f"with batch_size={s[_BATCH]} (or global_batch_size={s[_BATCH] * b.size}) to "
+                f"with batch_size={s[BATCH]} (or global_batch_size={s[BATCH] * b.size}) to "
                 "resume, and change it at the next epoch")
         self.abandon()
-        self.epoch = s[_EPOCH]
+        self.epoch = s[EPOCH]
         self._pass = None
         # the ranks' pass and message numbers agree again (elastic sync: all load rank 0's)
-        self._iterations = max(self._iterations, s[_ITERATIONS])
-        self.messages.value = max(self.messages.value, s[_MESSAGES])
-        self._pending = _Resume(s[_STEPS], s[_SAMPLES], s[_FINISHED],
-                                self._check_dataset_state(s.get(_DATASET)))
-
-    def _check_dataset_state(self, saved: Any) -> Any:
-        if saved is None or not (self.is_iterable and is_stateful(self.dataset)):
-            return None
-        if getattr(self.dataset, "elastic_state", False):
-            load = self.dataset.load_state_dict
-            load(saved)  # validates; the loaded copy goes to the workers at the next iter()
-            load(None)
-            return saved
-        consumers = self.backend.size * max(1, self.num_workers)
-        if not isinstance(saved, list) or len(saved) != consumers:
-            n = len(saved) if isinstance(saved, list) else "?"
-            raise ValueError(
-                f"loader state holds the dataset state of {n} consumers (ranks x workers), "
-                f"but this run has {consumers}; a stateful IterableDataset resumes with the "
-                "same world size and num_workers (horovod_iter.ShardedDataset resumes on any)")
-        return saved
+        self._iterations = max(self._iterations, s[ITERATIONS])
+        self.messages.value = max(self.messages.value, s[MESSAGES])
+        dataset = None
+        if self.is_iterable and is_stateful(self.dataset):
+            dataset = check_dataset_state(self.dataset, s.get(DATASET), self._consumers())
+        self._pending = Resume(s[STEPS], s[SAMPLES], s[FINISHED], dataset)
 
     def _ended(self, it: DistributedIterator) -> None:
         """Called by a pass when it closes: keep its figures."""
@@ -506,30 +439,3 @@ class _Empty(HostSource):
 
     def __next__(self) -> Any:
         raise StopIteration
-
-
-def _validate(state: Any) -> dict[str, Any]:
-    """Check a loader state's form; return a normalised copy or raise naming the fault."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"loader state must be a dict from state_dict(), got "
-                        f"{type(state).__name__}")
-    if state.get(_TYPE) != _STATE_TYPE:
-        raise ValueError(f"not a horovod_iter loader state (type={state.get(_TYPE)!r}); "
-                         "pass the dict returned by DistributedLoader.state_dict()")
-    if state.get(_VERSION) not in (1, _STATE_VERSION):
-        raise ValueError(f"loader state version {state.get(_VERSION)!r} is not supported "
-                         f"(expected 1 or {_STATE_VERSION})")
-    out = dict(state)
-    out.setdefault(_ITERATIONS, 0)
-    out.setdefault(_MESSAGES, 0)
-    out.setdefault(_SAMPLES, out.get(_STEPS, 0) * out.get(_BATCH, 0)
-                   if is_int(out.get(_STEPS)) and is_int(out.get(_BATCH)) else 0)
-    for key in (_EPOCH, _STEPS, _WORLD, _BATCH, _ITERATIONS, _MESSAGES, _SAMPLES):
-        if not is_int(out.get(key)) or out[key] < 0:
-            raise ValueError(f"invalid loader state: {key!r} must be an int >= 0, "
-                             f"got {out.get(key)!r}")
-        out[key] = int(out[key])
-    if not isinstance(out.get(_FINISHED), bool):
-        raise ValueError(f"invalid loader state: 'finished' must be a bool, "
-                         f"got {out.get(_FINISHED)!r}")
-    return out

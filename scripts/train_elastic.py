@@ -16,11 +16,13 @@ the elastic test counts); rank 0 writes its position to ``--progress-file``.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
 import signal
 import time
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
@@ -36,6 +38,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--commit-every", type=int, default=2, help="steps between state.commit()")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
     p.add_argument("--log-dir", default=None, help="per-rank committed sample ids (tests)")
+    p.add_argument("--shards", default=None,
+                   help="stream the samples' ids from the *.txt shards in this folder "
+                        "(hi.ShardedDataset) instead of a map-style dataset")
     p.add_argument("--progress-file", default=None, help="rank 0's position (tests)")
     p.add_argument("--kill", default=None, metavar="EPOCH:STEP:HOST:MARKER",
                    help="the worker on HOST (HOROVOD_HOSTNAME) SIGKILLs itself there (or at "
@@ -54,7 +59,22 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.samples, 8, generator=g)
     y = x.sum(1, keepdim=True)
-    train_set = TensorDataset(x, y, torch.arange(args.samples))
+    train_set: Any = TensorDataset(x, y, torch.arange(args.samples))
+    collate: Any = None
+    if args.shards:  # the same samples, streamed from text shards of ids
+        def read(path: str) -> Any:
+            with open(path) as f:
+                for line in f:
+                    yield int(line)
+
+        def by_ids(ids: list[int]) -> Any:
+            idx = torch.tensor(ids, dtype=torch.int64)
+            return x[idx], y[idx], idx
+
+        collate = by_ids
+
+        train_set = hi.ShardedDataset(sorted(glob.glob(os.path.join(args.shards, "*.txt"))),
+                                      read, seed=0)
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
@@ -62,7 +82,8 @@ def main() -> None:
                                    named_parameters=model.named_parameters())
     # uneven="pad": ranks that run out get empty batches, so nothing is repeated or dropped
     loader = hi.DistributedLoader(train_set, batch_size=args.batch_size, uneven="pad",
-                                  seed=0, timeout=120)
+                                  timeout=120, collate_fn=collate,
+                                  **({} if args.shards else {"seed": 0}))
     state = hvd.elastic.TorchState(model=model, optimizer=opt, loader=loader, epoch=0)
     log_path = (os.path.join(args.log_dir, f"{os.uname().nodename}-{os.getpid()}.jsonl")
                 if args.log_dir else None)
@@ -93,7 +114,7 @@ def main() -> None:
                 pending += ids.tolist()
                 if args.kill:
                     k_epoch, k_step, k_host, marker = args.kill.split(":", 3)
-                    if ((state.epoch, state.loader.state_dict()["steps"])
+                    if ((state.epoch, state.loader.steps)
                             >= (int(k_epoch), int(k_step))
                             and os.environ.get("HOROVOD_HOSTNAME") == k_host
                             and not os.path.exists(marker)):
@@ -101,9 +122,9 @@ def main() -> None:
                         os.kill(os.getpid(), signal.SIGKILL)  # a rank dies mid-epoch
                 if args.step_sleep:
                     time.sleep(args.step_sleep)
-                if state.loader.state_dict()["steps"] % args.commit_every == 0:
-                    flush(pending, state.epoch, state.loader.state_dict()["steps"])
-                    state.commit()
+                if state.loader.steps % args.commit_every == 0:
+                    flush(pending, state.epoch, state.loader.steps)
+                    state.commit()  # loader.state_dict(): a collective with sharded data
             flush(pending, state.epoch, -1)
             state.commit()
             if hvd.rank() == 0:

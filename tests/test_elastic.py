@@ -93,7 +93,18 @@ def test_rank_killed_mid_epoch_rolls_back_to_the_commit_every_sample_once(tmp_pa
     _assert_exactly_once(records)
 
 
-def test_worker_removed_mid_epoch_and_added_later_every_sample_once_per_epoch(tmp_path):
+@pytest.mark.parametrize("data", ["map", "sharded"])
+def test_worker_removed_mid_epoch_and_added_later_every_sample_once_per_epoch(tmp_path, data):
+    """3 -> 2 -> 3 ranks mid-epoch; map-style data, or hi.ShardedDataset over 16 shards
+    (the unfinished shards dealt anew, the ones in progress continued at their offsets)."""
+    extra = []
+    if data == "sharded":
+        shards = tmp_path / "shards"
+        shards.mkdir()
+        for s in range(16):
+            ids = range(s * SAMPLES // 16, (s + 1) * SAMPLES // 16)
+            (shards / f"{s:02d}.txt").write_text("".join(f"{i}\n" for i in ids))
+        extra = ["--shards", str(shards)]
     phase: dict = {"n": 0, "removed_at": None}
 
     def drive(p: dict, hosts: Path) -> None:
@@ -104,7 +115,7 @@ def test_worker_removed_mid_epoch_and_added_later_every_sample_once_per_epoch(tm
             hosts.write_text("localhost:2\n127.0.0.1:1\n")  # and a worker joins
             phase["n"] = 2
 
-    records, out = _run_elastic(tmp_path, "localhost:2\n127.0.0.1:1\n", [], drive)
+    records, out = _run_elastic(tmp_path, "localhost:2\n127.0.0.1:1\n", extra, drive)
     assert phase["n"] == 2, f"training ended before the host changes ({phase})\n{out[-4000:]}"
     assert phase["removed_at"]["epoch"] == 0
     sizes = [r["size"] for r in records if r["rank"] == 0]

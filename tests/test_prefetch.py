@@ -136,3 +136,57 @@ def test_cuda_no_batch_reordered_or_corrupted_when_memory_is_reused():
         assert torch.equal(checksum.cpu(), expected[step].sum(dim=1)), step
         del poison
     torch.cuda.synchronize()
+
+
+def test_device_transform_on_cpu_runs_in_line_in_order():
+    seen = []
+
+    def to_float(batch):
+        seen.append(int(batch[0, 0]))
+        return batch.float() / 255
+
+    src = [torch.full((2, 3), i, dtype=torch.uint8) for i in range(5)]
+    got = list(hi.CudaPrefetcher(src, device="cpu", device_transform=to_float))
+    assert seen == list(range(5))
+    assert all(g.dtype == torch.float32 and torch.allclose(g, s.float() / 255)
+               for g, s in zip(got, src))
+    with pytest.raises(TypeError, match="device_transform must be callable"):
+        hi.CudaPrefetcher(src, device="cpu", device_transform=3)
+
+
+def test_loader_device_transform_values():
+    ds = TensorDataset(torch.randint(0, 255, (20, 3, 4, 4), dtype=torch.uint8))
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+
+    def normalise(batch):
+        (x,) = batch
+        return ((x.float() / 255) - mean,)
+
+    plain = [x.clone() for (x,) in hi.DistributedLoader(ds, batch_size=6, seed=2, device="cpu")]
+    done = [x for (x,) in hi.DistributedLoader(ds, batch_size=6, seed=2, device="cpu",
+                                               device_transform=normalise)]
+    assert all(torch.allclose(d, p.float() / 255 - mean) for d, p in zip(done, plain))
+
+
+@cuda
+def test_cuda_device_transform_is_ordered_after_the_copy_and_before_use():
+    """uint8 images cross PCIe, become normalised floats on the side stream; the consumer's
+    slow kernels and poisoned allocations must not see a half-done or reused batch."""
+    n = 32
+    ds = TensorDataset(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 256,
+                                                                                   256).clone())
+
+    def to_float(batch):
+        (x,) = batch
+        torch.cuda._sleep(1_000_000)  # a slow transform on the side stream
+        return (x.float() * 2,)
+
+    loader = hi.DistributedLoader(ds, batch_size=2, shuffle=False, device="cuda", prefetch=3,
+                                  device_transform=to_float)
+    for step, (x,) in enumerate(loader):
+        torch.cuda._sleep(500_000)
+        poison = [torch.full_like(x, -1) for _ in range(3)]
+        want = torch.tensor([2 * (2 * step), 2 * (2 * step + 1)], dtype=torch.float32)
+        assert x.dtype == torch.float32 and torch.equal(x[:, 0, 0, 0].cpu(), want), step
+        del poison
+    torch.cuda.synchronize()

@@ -90,16 +90,23 @@ def test_a_read_that_raises_names_the_shard_and_the_rank(launcher, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
-def test_stateful_iterable_resumes_without_replay(launcher, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stateful_iterable_resumes_without_replay(launcher, workers, tmp_path):
+    """Each worker's copy reports its state with its batches and loads its own on resume:
+    after the resume only the samples not consumed are generated (no replay)."""
     state = tmp_path / "state.json"
-    first = run(launcher, 2, stateful_stream=50, batch_size=4, stop_after=5,
-                state_out=str(state))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = run(launcher, 2, stateful_stream=48, batch_size=4, stop_after=4, workers=workers,
+                state_out=str(state), gen_dir=str(tmp_path / "a"))
     assert [r["error"] for r in first] == [None] * 2
-    rest = run(launcher, 2, stateful_stream=50, batch_size=4, state_in=str(state))
+    rest = run(launcher, 2, stateful_stream=48, batch_size=4, state_in=str(state),
+               workers=workers, gen_dir=str(tmp_path / "b"))
+    assert [r["error"] for r in rest] == [None] * 2
     for a, b in zip(first, rest):
-        seen = [i % 1_000_000 for bt in a["epochs"]["0"] + b["epochs"]["0"] for i in bt]
-        assert seen == list(range(50))
-        assert b["generated"] == 30  # no replay: only the 30 samples after the 20 consumed
+        seen = sorted(i % 1_000_000 for bt in a["epochs"]["0"] + b["epochs"]["0"] for i in bt)
+        assert seen == list(range(48))
+        assert b["generated"] == 48 - 16  # exactly the rest: no replay of the 16 consumed
 
 
 # ---- in one process ---------------------------------------------------------------------

@@ -11,9 +11,10 @@ Horovod is installed) adds handlers for `DistributedLoader` and
 * ``restore()`` (after a rank failed) rolls back to the last commit: the batches handed out
   since are handed out again, so every sample is still trained on exactly once per epoch.
 * ``sync()`` (after a reset) closes the pass in flight without waiting for its collectives,
-  takes rank 0's position, and loads it: the next ``iter()`` lays the rest of the epoch out
-  over the new world. A reset that skips ``sync()`` (ranks only removed) is noticed by the
-  loader itself at the next ``iter()``.
+  takes rank 0's last commit, and loads it: the next ``iter()`` lays the rest of the epoch out
+  over the new world (for ``ShardedDataset``: deals the unfinished shards anew). A reset
+  that skips ``sync()`` (ranks only removed) is noticed by the loader itself at the next
+  ``iter()``, which reloads the last state every rank agreed on.
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ class _StateDictHandler(hvd_state.StateHandler):
         self.value.load_state_dict(self._saved)
 
     def _broadcast_state(self, name: str) -> dict[str, Any]:
-        state: dict[str, Any] = hvd.broadcast_object(self.value.state_dict(), root_rank=0,
-                                                     name=name)
+        """Rank 0's last commit. Not the live state: after a reset the world changed, and a
+        live state of sharded data would have to be gathered from ranks that may be gone;
+        every rank holds the whole committed state (rank 0's is the one Horovod syncs)."""
+        state: dict[str, Any] = hvd.broadcast_object(self._saved, root_rank=0, name=name)
         self._saved = copy.deepcopy(state)
         return state
 

@@ -31,18 +31,22 @@ def read(path):
 
 
 class Counting(IterableDataset):
-    """A stateful stream (torchdata's protocol): counts what it generates after a resume."""
+    """A stateful stream (torchdata's protocol), split over DataLoader workers; every sample it
+    generates is counted in a file (workers are other processes)."""
 
-    def __init__(self, n):
+    def __init__(self, n, gen_file):
         self.n, self.start = n, 0
         self.pos = 0
+        self.gen_file = gen_file
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        assert info is None, "this test stream is for workers=0"
-        for i in range(self.start, self.n):
-            self.pos = i + 1
-            out["generated"] += 1
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        first = self.start if self.start else worker
+        for i in range(first, self.n, workers):
+            self.pos = i + workers
+            with open(self.gen_file, "a") as f:
+                f.write("1")
             yield b.rank * 1_000_000 + i
 
     def state_dict(self):
@@ -58,7 +62,7 @@ def collate(samples):
 
 try:
     if cfg.get("stateful_stream"):
-        ds = Counting(cfg["stateful_stream"])
+        ds = Counting(cfg["stateful_stream"], f"{cfg['gen_dir']}/gen-{b.rank}")
     else:
         shards = sorted(str(p) for p in Path(cfg["dir"]).glob("s*.jsonl"))
         ds = hi.ShardedDataset(shards, read, seed=3, shuffle_buffer=cfg.get("buffer", 0))
@@ -71,15 +75,18 @@ try:
         loader.set_epoch(epoch)
         got = []
         for step, batch in enumerate(loader):
-            if cfg.get("stop_after") is not None and step == cfg["stop_after"]:
+            got.append(batch.tolist())
+            if cfg.get("stop_after") is not None and step + 1 == cfg["stop_after"]:
                 state = loader.state_dict()  # every rank: it gathers the consumers' positions
                 if b.rank == 0:
                     Path(cfg["state_out"]).write_text(json.dumps(state))
                 break
-            got.append(batch.tolist())
         out["epochs"][str(epoch)] = got
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
+if cfg.get("gen_dir"):
+    gen = Path(f"{cfg['gen_dir']}/gen-{b.rank}")
+    out["generated"] = len(gen.read_text()) if gen.exists() else 0
 report(out)
 sys.stdout.flush()
 os._exit(0)

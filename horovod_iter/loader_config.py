@@ -1,0 +1,86 @@
+"""The loader's arguments: their checks (errors that name the value and the fix) and the
+choice of sampler. Kept apart so that `loader.py` is the composition and the position only."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch.utils.data import IterableDataset, Sampler
+from torch.utils.data.distributed import DistributedSampler as TorchDistributedSampler
+
+from .backend import Backend
+from .sampler import DistributedSampler, is_int
+from .sync import UNEVEN
+
+__all__ = ["check_arguments", "loader_sampler", "positive_int"]
+
+
+def positive_int(name: str, value: Any) -> int:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_arguments(*, uneven: Any, prefetch: Any, num_workers: Any, timeout: Any,
+                    drop_last: Any, progress: Any, log_stats: Any, shuffle: Any,
+                    device_transform: Callable[[Any], Any] | None) -> None:
+    """Raise naming the first bad argument of a loader and the values it accepts."""
+    if uneven not in UNEVEN:
+        raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
+    for name, value in (("prefetch", prefetch), ("num_workers", num_workers)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, "
+                         f"got {timeout!r}")
+    for flag, value in (("drop_last", drop_last), ("progress", progress),
+                        ("log_stats", log_stats), ("shuffle", shuffle)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {value!r}")
+    if device_transform is not None and not callable(device_transform):
+        raise TypeError(f"device_transform must be callable, got {device_transform!r}")
+    if uneven == "pad" and drop_last:
+        raise ValueError("uneven='pad' counts every sample exactly once and drop_last=True "
+                         "drops samples; choose one")
+
+
+def loader_sampler(dataset: Any, sampler: Sampler[Any] | None, backend: Backend, *,
+                   shuffle: bool, seed: int | None, drop_last: bool,
+                   uneven: str) -> Sampler[Any] | None:
+    """The sampler a loader uses: ours (padding only for ``uneven="stop"``), or the user's,
+    refused where it would break the loader's promises."""
+    if isinstance(dataset, IterableDataset):
+        if sampler is not None:
+            raise ValueError("sampler is for map-style datasets; an IterableDataset decides "
+                             "its own order (shard it with horovod_iter.ShardedDataset)")
+        return None
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(
+            f"dataset must be a map-style dataset (with __getitem__ and __len__) or a "
+            f"torch IterableDataset, got {type(dataset).__name__}")
+    b = backend
+    if len(dataset) == 0:
+        raise ValueError(
+            f"rank {b.rank}: the dataset is empty (len 0), so there is nothing to "
+            "iterate; check the path or the split it was built from")
+    if sampler is None:
+        return DistributedSampler(dataset, b.size, b.rank, shuffle=shuffle, seed=seed,
+                                  drop_last=drop_last, pad=uneven == "stop",
+                                  backend=b)
+    if isinstance(sampler, DistributedSampler):
+        if sampler.num_replicas != b.size:
+            raise ValueError(
+                f"the sampler was built for num_replicas={sampler.num_replicas}, but the "
+                f"{b.name} backend has {b.size} ranks; build it with num_replicas={b.size}"
+                " (or leave sampler out and let the loader build one)")
+        pads = sampler.pad and not sampler.drop_last
+    elif isinstance(sampler, TorchDistributedSampler):
+        pads = not sampler.drop_last and sampler.total_size > len(dataset)
+    else:
+        pads = False
+    if pads and uneven != "stop":
+        raise ValueError(
+            f"uneven={uneven!r} promises every sample exactly once, but the sampler "
+            "pads (it repeats samples to even out the ranks); pass "
+            "horovod_iter.DistributedSampler(dataset, pad=False), or leave sampler out")
+    return sampler

@@ -1,0 +1,91 @@
+"""The loader's state dict: its keys, its validation, and the position of stateful iterable
+data (every consumer's state, gathered over the ranks). A versioned, JSON-able contract."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import Backend
+from .sampler import is_int
+
+__all__ = ["Resume", "check_dataset_state", "gather_dataset_state", "validate"]
+
+STATE_TYPE = "horovod_iter.DistributedLoader"
+STATE_VERSION = 2
+TYPE, VERSION, EPOCH, STEPS, WORLD = "type", "version", "epoch", "steps", "world_size"
+BATCH, GLOBAL_BATCH, UNEVEN_MODE = "batch_size", "global_batch_size", "uneven"
+FINISHED, SAMPLES, SAMPLER, ITERATIONS = "finished", "samples", "sampler", "iterations"
+MESSAGES, DATASET = "messages", "dataset"
+
+
+@dataclass
+class Resume:
+    """What the next ``iter()`` resumes (after a load): batches and samples already handed
+    out in this epoch; our sampler keeps its own pending cursor alongside."""
+
+    steps: int
+    samples: int
+    finished: bool
+    dataset: Any = None  # a stateful iterable's saved state
+
+def gather_dataset_state(dataset: Any, backend: Backend, consumers: int,
+                         positions: Mapping[int, Any]) -> Any:
+    """A stateful iterable's position: every consumer's state as of the last batch handed
+    out, gathered over the ranks (a collective: every rank calls it at the same step).
+    Datasets with ``elastic_state`` (``ShardedDataset``) merge them into one state."""
+    states: list[Any] = [None] * consumers
+    parts = [dict(positions)] if backend.size == 1 else backend.allgather_object(
+        dict(positions))
+    for part in parts:
+        for c, st in part.items():
+            if c < consumers:
+                states[c] = st
+    merge = getattr(dataset, "merge_states", None)
+    if getattr(dataset, "elastic_state", False) and callable(merge):
+        return merge(states, consumers)
+    return states
+
+
+def check_dataset_state(dataset: Any, saved: Any, consumers: int) -> Any:
+    """Validate a saved stateful-iterable position for this run; return what to resume."""
+    if saved is None:
+        return None
+    if getattr(dataset, "elastic_state", False):
+        dataset.load_state_dict(saved)  # validates; the workers get it at the next iter()
+        dataset.load_state_dict(None)
+        return saved
+    if not isinstance(saved, list) or len(saved) != consumers:
+        n = len(saved) if isinstance(saved, list) else "?"
+        raise ValueError(
+            f"loader state holds the dataset state of {n} consumers (ranks x workers), but "
+            f"this run has {consumers}; a stateful IterableDataset resumes with the same world "
+            "size and num_workers (horovod_iter.ShardedDataset resumes on any)")
+    return saved
+
+
+def validate(state: Any) -> dict[str, Any]:
+    """Check a loader state's form; return a normalised copy or raise naming the fault."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"loader state must be a dict from state_dict(), got "
+                        f"{type(state).__name__}")
+    if state.get(TYPE) != STATE_TYPE:
+        raise ValueError(f"not a horovod_iter loader state (type={state.get(TYPE)!r}); "
+                         "pass the dict returned by DistributedLoader.state_dict()")
+    if state.get(VERSION) not in (1, STATE_VERSION):
+        raise ValueError(f"loader state version {state.get(VERSION)!r} is not supported "
+                         f"(expected 1 or {STATE_VERSION})")
+    out = dict(state)
+    out.setdefault(ITERATIONS, 0)
+    out.setdefault(MESSAGES, 0)
+    out.setdefault(SAMPLES, out.get(STEPS, 0) * out.get(BATCH, 0)
+                   if is_int(out.get(STEPS)) and is_int(out.get(BATCH)) else 0)
+    for key in (EPOCH, STEPS, WORLD, BATCH, ITERATIONS, MESSAGES, SAMPLES):
+        if not is_int(out.get(key)) or out[key] < 0:
+            raise ValueError(f"invalid loader state: {key!r} must be an int >= 0, "
+                             f"got {out.get(key)!r}")
+        out[key] = int(out[key])
+    if not isinstance(out.get(FINISHED), bool):
+        raise ValueError(f"invalid loader state: 'finished' must be a bool, "
+                         f"got {out.get(FINISHED)!r}")
+    return out
