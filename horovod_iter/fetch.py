@@ -280,7 +280,7 @@ def host_batches(dataset: Any, opts: FetchOptions, *,
         arrays, count = indices
         if opts.num_workers == 0:
             return _InlineSource(arrays, count, BatchFetcher(dataset, opts.collate_fn, opts.pin,
-                                                             opts.rank))
+                                                             opts.rank, reuse=True))
         fetcher = BatchFetcher(dataset, opts.collate_fn, False, opts.rank, threads=1)
         dl = DataLoader(_FetchedBatches(fetcher), batch_size=None, sampler=_Keys(arrays),
                         num_workers=opts.num_workers, collate_fn=_whole_batch,

@@ -96,7 +96,8 @@ class BatchFetcher:
     """Turns an index array into a collated batch (see the module docstring)."""
 
     def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], Any] | None,
-                 pin: bool, rank: int, threads: int | None = None) -> None:
+                 pin: bool, rank: int, threads: int | None = None,
+                 reuse: bool = False) -> None:
         self.dataset = dataset
         self.rank = rank
         self.pin = pin
@@ -109,6 +110,9 @@ class BatchFetcher:
             self._tensors = tuple(tensors)
         getitems = getattr(dataset, "__getitems__", None)
         self._getitems = getitems if callable(getitems) else None
+        # only where batches stay in this process: a batch sent from a DataLoader worker
+        # lives on in shared memory that the worker must not write again
+        self._reuse = reuse and _REUSE
         self._threads = threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         # CPU output buffers, reused once nothing else refers to them (see _reusable)
@@ -161,7 +165,7 @@ class BatchFetcher:
         recycles a block once its copy to the GPU is done); on the CPU a buffer of ours is
         reused when the user has let go of it, else a new one is made. Writing into warm
         pages instead of fresh ones is what makes the gather several times faster."""
-        if self.pin or not _REUSE:
+        if self.pin or not self._reuse:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
         pool = self._buffers[k]
         for i in range(len(pool)):

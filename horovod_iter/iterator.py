@@ -50,6 +50,8 @@ class Pass:
     cursor: Cursor | None = None
     #: iterable data: consumer -> its position after the last batch handed out
     positions: dict[int, Any] = dataclasses.field(default_factory=dict)
+    #: iterable data: the saved dataset state this pass resumed from (positions are relative)
+    base: Any = None
 
     def handed(self, position: dict[str, Any] | None = None) -> None:
         self.steps += 1

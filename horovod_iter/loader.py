@@ -301,8 +301,9 @@ class DistributedLoader:
             source = host_batches(self.dataset, opts, indices=sampler_batches(
                 self.sampler, pass_.samples, bs, self.drop_last))
         elif is_stateful(self.dataset):
+            pass_.base = resume.dataset if resume else None
             source = host_batches(self.dataset, opts, world=self.backend.size,
-                                  resume=resume.dataset if resume else None)
+                                  resume=pass_.base)
         elif resume is not None and resume.finished:
             source = _Empty()
         else:
@@ -382,7 +383,8 @@ class DistributedLoader:
             return p.dataset
         if p is None:  # nothing handed out this epoch, on any rank: no need to gather
             return None
-        return gather_dataset_state(self.dataset, self.backend, self._consumers(), p.positions)
+        return gather_dataset_state(self.dataset, self.backend, self._consumers(), p.positions,
+                                    p.base)
 
     def _consumers(self) -> int:
         return self.backend.size * max(1, self.num_workers)

@@ -30,7 +30,7 @@ class Resume:
     dataset: Any = None  # a stateful iterable's saved state
 
 def gather_dataset_state(dataset: Any, backend: Backend, consumers: int,
-                         positions: Mapping[int, Any]) -> Any:
+                         positions: Mapping[int, Any], base: Any = None) -> Any:
     """A stateful iterable's position: every consumer's state as of the last batch handed
     out, gathered over the ranks (a collective: every rank calls it at the same step).
     Datasets with ``elastic_state`` (``ShardedDataset``) merge them into one state."""
@@ -43,7 +43,7 @@ def gather_dataset_state(dataset: Any, backend: Backend, consumers: int,
                 states[c] = st
     merge = getattr(dataset, "merge_states", None)
     if getattr(dataset, "elastic_state", False) and callable(merge):
-        return merge(states, consumers)
+        return merge(states, consumers, base)
     return states
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -59,14 +60,26 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_cuda or t.is_pinned() else t.pin_memory()
 
 
+@dataclass
+class _Figures:
+    wait_s: float = 0.0
+    h2d_bytes: int = 0
+    batches: int = 0
+
+
 class _PrefetchIterator(Iterator[Any]):
-    """One pass of a `CudaPrefetcher` over its iterable."""
+    """One pass of a `CudaPrefetcher` over its iterable. It refers to nothing of the
+    prefetcher but its settings and figures: no reference cycle, so a pass dropped without
+    ``close()`` is freed (with its batches and pinned or shared memory) at once."""
 
     def __init__(self, owner: CudaPrefetcher) -> None:
-        self._owner = owner
         self._source: Iterator[Any] | None = iter(owner.iterable)
         self._queue: collections.deque[tuple[Any, Any]] = collections.deque()
         self._error: BaseException | None = None
+        self.device = owner.device
+        self.pin_memory = owner.pin_memory
+        self.device_transform = owner.device_transform
+        self._figures = owner._figures
         cuda = owner.device.type == "cuda"
         self._stream: Any = torch.cuda.Stream(owner.device) if cuda else None
         self._depth = owner.depth if cuda else 0
@@ -85,19 +98,18 @@ class _PrefetchIterator(Iterator[Any]):
             self._error = e
             self._source = None
             return False
-        owner = self._owner
         if self._stream is None:
-            self._queue.append((owner.device_transform(host) if owner.device_transform
+            self._queue.append((self.device_transform(host) if self.device_transform
                                 else host, None))
             return True
-        if owner.pin_memory:
+        if self.pin_memory:
             host = tree_map(_pin, host)
-        owner.h2d_bytes += sum(t.numel() * t.element_size() for t in tree_leaves(host)
-                               if not t.is_cuda)
+        self._figures.h2d_bytes += sum(t.numel() * t.element_size() for t in tree_leaves(host)
+                                       if not t.is_cuda)
         with torch.cuda.stream(self._stream):
-            dev = tree_map(lambda t: t.to(owner.device, non_blocking=True), host)
-            if owner.device_transform is not None:
-                dev = owner.device_transform(dev)
+            dev = tree_map(lambda t: t.to(self.device, non_blocking=True), host)
+            if self.device_transform is not None:
+                dev = self.device_transform(dev)
             event = torch.cuda.Event()
             event.record(self._stream)
         self._queue.append((dev, event))
@@ -107,23 +119,23 @@ class _PrefetchIterator(Iterator[Any]):
         t0 = time.perf_counter()
         while len(self._queue) <= self._depth and self._pull():
             pass
-        owner = self._owner
+        figures = self._figures
         if not self._queue:
-            owner.wait_s += time.perf_counter() - t0
+            figures.wait_s += time.perf_counter() - t0
             error, self._error = self._error, None
             if error is not None:
                 raise error
             raise StopIteration
         batch, event = self._queue.popleft()
         if event is not None:
-            current = torch.cuda.current_stream(owner.device)
+            current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
             # allocated on the side stream, used on the consumer's: tell the allocator
             for t in tree_leaves(batch):
                 if t.is_cuda:
                     t.record_stream(current)
-        owner.batches += 1
-        owner.wait_s += time.perf_counter() - t0
+        figures.batches += 1
+        figures.wait_s += time.perf_counter() - t0
         return batch
 
     def close(self) -> None:
@@ -167,11 +179,22 @@ class CudaPrefetcher:
         self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
         self.device_transform = device_transform
         self._pass: _PrefetchIterator | None = None
-        #: seconds the consumer spent waiting in ``__next__`` (pulling and copying batches)
-        self.wait_s = 0.0
-        #: bytes copied host -> device
-        self.h2d_bytes = 0
-        self.batches = 0
+        self._figures = _Figures()
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds the consumer spent waiting in ``__next__`` (pulling and copying batches)."""
+        return self._figures.wait_s
+
+    @property
+    def h2d_bytes(self) -> int:
+        """Bytes copied host -> device."""
+        return self._figures.h2d_bytes
+
+    @property
+    def batches(self) -> int:
+        """Batches handed out."""
+        return self._figures.batches
 
     def __iter__(self) -> Iterator[Any]:
         self.close()

@@ -39,7 +39,7 @@ from .permutation import permute
 __all__ = ["ShardedDataset"]
 
 _STATE_TYPE = "horovod_iter.ShardedDataset"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class ShardedDataset(IterableDataset[Any]):
@@ -135,27 +135,21 @@ class ShardedDataset(IterableDataset[Any]):
         order: list[int] = permute(np.arange(n), n, self.seed, e).tolist()
         return order
 
-    def _plan(self, consumer: int, consumers: int) -> list[tuple[int, int]]:
-        """This consumer's (shard index, first sample) list for the pass."""
+    def _plan(self, consumer: int, consumers: int,
+              resume: dict[str, Any] | None) -> list[tuple[int, int]]:
+        """This consumer's (shard index, first sample) list for a pass that resumes from
+        ``resume`` (a merged state, or None)."""
         order = self.order()
-        resume = self._resume
         if resume is None or resume["epoch"] != self.epoch:
             return [(s, 0) for s in order[consumer::consumers]]
-        saved_c, progress = resume["consumers"], resume["progress"]
-        lists = [order[c::saved_c] for c in range(saved_c)]
-        if saved_c == consumers:  # continue exactly where this consumer stopped
-            done, offset, _ = progress[consumer]
-            rest = lists[consumer][done:]
-            return [(s, offset if k == 0 else 0) for k, s in enumerate(rest)]
+        done, partial = resume["done"], resume["partial"]
+        if resume["consumers"] == consumers and not resume["redealt"]:
+            # continue exactly where this consumer stopped: its own shards, minus the done ones
+            return [(s, partial.get(s, 0)) for s in order[consumer::consumers] if s not in done]
         # another layout: the shards in progress, then those not started, dealt anew
         where = {s: p for p, s in enumerate(order)}
-        partial: list[tuple[int, int]] = []
-        fresh: list[tuple[int, int]] = []
-        for c, (done, offset, _) in enumerate(progress):
-            for k, s in enumerate(lists[c][done:]):
-                (partial if k == 0 and offset else fresh).append((s, offset if k == 0 else 0))
-        todo = sorted(partial, key=lambda x: where[x[0]]) + sorted(fresh,
-                                                                  key=lambda x: where[x[0]])
+        todo = [(s, partial[s]) for s in sorted(partial, key=where.__getitem__)]
+        todo += [(s, 0) for s in order if s not in done and s not in partial]
         return todo[consumer::consumers]
 
     def __len__(self) -> int:
@@ -178,18 +172,16 @@ class ShardedDataset(IterableDataset[Any]):
                 f"workers) with a shuffle buffer, which resumes only on as many; this run has "
                 f"{consumers}. Resume with the same world size and num_workers, or use "
                 "shuffle_buffer=0 to resume on any")
-        resuming = self._resume is not None and self._resume["epoch"] == self.epoch
+        resume = self._resume if self._resume and self._resume["epoch"] == self.epoch else None
         self._consumer = (consumer, consumers)
+        self._progress = [0, 0, 0]
         if self.shuffle_buffer:  # replay this consumer's seeded stream to where it stopped
-            skip = self._resume["progress"][consumer][2] if resuming else 0  # type: ignore[index]
-            self._progress = [0, 0, 0]
+            skip = resume["yielded"][consumer] if resume else 0
             plan = [(s, 0) for s in self.order()[consumer::consumers]]
             stream = self._count(self._shuffled(self._samples(plan), consumer))
             return itertools.islice(stream, skip, None)
-        plan = self._plan(consumer, consumers)
-        self._progress = [0, plan[0][1] if plan else 0, 0]
-        if resuming and self._resume["consumers"] == consumers:  # type: ignore[index]
-            self._progress[0] = self._resume["progress"][consumer][0]  # type: ignore[index]
+        plan = self._plan(consumer, consumers, resume)
+        self._progress[1] = plan[0][1] if plan else 0
         return self._count(self._samples(plan))
 
     def _samples(self, plan: list[tuple[int, int]]) -> Iterator[Any]:
@@ -237,20 +229,42 @@ class ShardedDataset(IterableDataset[Any]):
         return {"consumer": consumer, "consumers": consumers, "epoch": self.epoch,
                 "done": done, "offset": offset, "yielded": yielded}
 
-    def merge_states(self, states: Sequence[dict[str, Any] | None],
-                     consumers: int) -> dict[str, Any]:
-        """All consumers' states (``None``: nothing handed yet) as one resumable state."""
+    def merge_states(self, states: Sequence[dict[str, Any] | None], consumers: int,
+                     base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """All consumers' states (``None``: nothing handed out yet) of a pass that resumed
+        from ``base`` (a merged state, or None), as one state that says which shards are done
+        and where the ones in progress stand - whatever the layout that made it."""
+        base = self._normalise(base) if base is not None else None
+        if base is not None and base["epoch"] != self.epoch:
+            base = None
+        done = set(base["done"]) if base else set()
+        partial = dict(base["partial"]) if base else {}
+        for c, st in enumerate(states):
+            if st is None:
+                continue
+            plan = self._plan(c, consumers, base)
+            for s, _ in plan[: st["done"]]:
+                done.add(s)
+                partial.pop(s, None)
+            if st["done"] < len(plan) and st["offset"] > 0:
+                partial[plan[st["done"]][0]] = st["offset"]
+        redealt = base is not None and (base["redealt"] or base["consumers"] != consumers)
         return {"type": _STATE_TYPE, "version": _STATE_VERSION, "epoch": self.epoch,
-                "consumers": consumers, "shards": len(self.shards), "seed": self.seed,
-                "shuffle": self.shuffle,
-                "progress": [[s["done"], s["offset"], s["yielded"]] if s else [0, 0, 0]
-                             for s in states]}
+                "shards": len(self.shards), "seed": self.seed, "shuffle": self.shuffle,
+                "consumers": consumers, "redealt": redealt, "done": _ranges(sorted(done)),
+                "partial": sorted([s, o] for s, o in partial.items()),
+                "yielded": [st["yielded"] if st else 0 for st in states]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Make the next iteration resume from a merged state (``None``: start afresh)."""
         if state is None:
             self._resume = None
             return
+        self._resume = self._normalise(state)
+        self.epoch = self._resume["epoch"]
+
+    def _normalise(self, state: Any) -> dict[str, Any]:
+        """Validate a merged state; return it with ``done`` as a set and ``partial`` a dict."""
         if not isinstance(state, dict) or state.get("type") != _STATE_TYPE:
             raise ValueError(f"not a ShardedDataset state: {state!r:.200}")
         if state.get("version") != _STATE_VERSION:
@@ -262,16 +276,32 @@ class ShardedDataset(IterableDataset[Any]):
                 raise ValueError(f"the ShardedDataset state was saved with {key}="
                                  f"{state.get(key)!r}, but this dataset has {key}={mine!r}; "
                                  f"build it with {key}={state.get(key)!r}")
-        progress = state.get("progress")
-        consumers = state.get("consumers")
-        if not isinstance(consumers, int) or consumers < 1 or not isinstance(progress, list) \
-                or len(progress) != consumers:
-            raise ValueError("invalid ShardedDataset state: 'progress' must list [done, "
-                             "offset] for each of 'consumers'")
         try:
-            rows = [[int(d), int(o), int(y)] for d, o, y in progress]
-        except (TypeError, ValueError):
-            raise ValueError("invalid ShardedDataset state: each 'progress' entry must be "
-                             "[done, offset, yielded]") from None
-        self._resume = {"epoch": state["epoch"], "consumers": consumers, "progress": rows}
-        self.epoch = int(state["epoch"])
+            consumers = int(state["consumers"])
+            n = len(self.shards)
+            done = {s for a, b in state["done"] for s in range(int(a), int(b))}
+            partial = {int(s): int(o) for s, o in state["partial"]}
+            yielded = [int(y) for y in state["yielded"]]
+            ok = (consumers >= 1 and len(yielded) == consumers and all(
+                0 <= s < n for s in (*done, *partial)) and all(o >= 0 for o in partial.values())
+                and isinstance(state["redealt"], bool) and int(state["epoch"]) >= 0)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("invalid ShardedDataset state: expected 'consumers', 'done' "
+                             "(ranges of shard indices), 'partial' ([shard, offset] pairs), "
+                             "'yielded' (one per consumer), 'redealt' and 'epoch'")
+        return {"epoch": int(state["epoch"]), "consumers": consumers,
+                "redealt": state["redealt"], "done": done, "partial": partial,
+                "yielded": yielded}
+
+
+def _ranges(values: list[int]) -> list[list[int]]:
+    """Sorted ints as [start, stop) ranges: a compact "which shards are done"."""
+    out: list[list[int]] = []
+    for v in values:
+        if out and out[-1][1] == v:
+            out[-1][1] = v + 1
+        else:
+            out.append([v, v + 1])
+    return out

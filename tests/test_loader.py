@@ -384,3 +384,21 @@ def test_bad_loader_states():
         loader.load_state_dict({**good, "steps": -1})
     with pytest.raises(ValueError, match="length 11"):
         loader.load_state_dict({**good, "sampler": {**good["sampler"], "n": 11}})
+
+
+def test_an_iterator_dropped_without_close_is_freed_at_once():
+    """No reference cycle inside a pass: a `break` and a dropped iterator free its batches
+    (and DataLoader shared memory) by reference counting, not at some later gc."""
+    import gc
+    import weakref
+
+    loader = hi.DistributedLoader(tds(100), batch_size=4)
+    gc.disable()
+    try:
+        it = iter(loader)
+        next(it)
+        refs = [weakref.ref(it), weakref.ref(it._sync), weakref.ref(it._it)]
+        del it
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()

@@ -116,6 +116,29 @@ def read_jsonl(path):
             yield json.loads(line)["id"]
 
 
+def test_a_chain_of_resumes_on_changing_layouts_is_exactly_once(tmp_path):
+    """Resume after resume with 1, 2, 3, 1 consumers (the later ones on a re-dealt layout):
+    every record of the epoch exactly once."""
+    total = write_shards(tmp_path, [5, 0, 9, 3, 12, 1, 7, 4, 6, 2, 8])
+    shards = sorted(map(str, tmp_path.glob("*.jsonl")))
+    seen, state = [], None
+    for workers, steps in ((0, 3), (2, 4), (3, 5), (0, 2), (2, None)):
+        loader = hi.DistributedLoader(hi.ShardedDataset(shards, read_jsonl, seed=4),
+                                      batch_size=2, num_workers=workers, uneven="pad",
+                                      collate_fn=torch.tensor)
+        loader.set_epoch(3)
+        if state is not None:
+            loader.load_state_dict(json.loads(json.dumps(state)))
+        it = iter(loader)
+        for k, batch in enumerate(it):
+            seen += batch.tolist()
+            if steps is not None and k + 1 == steps:
+                break
+        state = loader.state_dict()
+        it.close()
+    assert sorted(seen) == list(range(total)), Counter(Counter(seen).values())
+
+
 def test_seek_is_used_when_read_accepts_start(tmp_path):
     total = write_shards(tmp_path, [10, 10])
     calls = []
