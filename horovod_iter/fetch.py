@@ -76,6 +76,7 @@ class FetchOptions:
     worker_init_fn: Callable[[int], None] | None = None
     pin: bool = False
     rank: int = 0
+    persistent_workers: bool = False
 
 
 class HostSource(Iterator[Any]):
@@ -165,11 +166,13 @@ class _FetchedBatches(torch.utils.data.Dataset[Any]):
 
 
 class _Keys(Sampler[np.ndarray]):
+    """The index batches of the current pass (set anew per pass: persistent workers)."""
+
     def __init__(self, arrays: Iterator[np.ndarray]) -> None:
-        self._arrays = arrays
+        self.arrays = arrays
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return self._arrays
+        return self.arrays
 
 
 def _whole_batch(batch: Any) -> Any:
@@ -229,6 +232,7 @@ class _WorkerSource(HostSource):
 
     def __init__(self, dl: DataLoader[Any], count: int | None, rank: int, skip: int = 0,
                  tagged: bool = False) -> None:
+        self._persistent = dl.persistent_workers
         self._it: Any = iter(dl)
         self.num_batches = count
         self._rank = rank
@@ -266,25 +270,34 @@ class _WorkerSource(HostSource):
     def close(self) -> None:
         it, self._it = self._it, None
         shutdown = getattr(it, "_shutdown_workers", None)
-        if callable(shutdown):
+        if callable(shutdown) and not self._persistent:  # persistent: the loader's to stop
             shutdown()
 
 
 def host_batches(dataset: Any, opts: FetchOptions, *,
                  indices: tuple[Iterator[np.ndarray], int | None] | None = None,
-                 world: int = 1, resume: Any = None, skip: int = 0) -> HostSource:
+                 world: int = 1, resume: Any = None, skip: int = 0,
+                 workers: dict[Any, DataLoader[Any]] | None = None) -> HostSource:
     """This rank's host batches: from index batches (map-style), or from the iterable itself
     (``indices=None``): resumed from ``resume`` (a stateful dataset) or by replaying ``skip``
-    batches."""
+    batches. ``workers`` keeps the DataLoader of persistent workers between passes."""
     if indices is not None:
         arrays, count = indices
         if opts.num_workers == 0:
             return _InlineSource(arrays, count, BatchFetcher(dataset, opts.collate_fn, opts.pin,
                                                              opts.rank, reuse=True))
-        fetcher = BatchFetcher(dataset, opts.collate_fn, False, opts.rank, threads=1)
-        dl = DataLoader(_FetchedBatches(fetcher), batch_size=None, sampler=_Keys(arrays),
-                        num_workers=opts.num_workers, collate_fn=_whole_batch,
-                        pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn)
+        key = (opts.rank, opts.num_workers, opts.pin)
+        dl = workers.get(key) if workers is not None and opts.persistent_workers else None
+        if dl is None:
+            fetcher = BatchFetcher(dataset, opts.collate_fn, False, opts.rank, threads=1)
+            dl = DataLoader(_FetchedBatches(fetcher), batch_size=None, sampler=_Keys(arrays),
+                            num_workers=opts.num_workers, collate_fn=_whole_batch,
+                            pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn,
+                            persistent_workers=opts.persistent_workers)
+            if workers is not None and opts.persistent_workers:
+                workers.clear()  # another rank or layout: the old workers go
+                workers[key] = dl
+        dl.sampler.arrays = arrays  # type: ignore[attr-defined]
         return _WorkerSource(dl, count, opts.rank)
     batches = DataLoader(_IterableBatches(dataset, opts, world, resume), batch_size=None,
                          num_workers=opts.num_workers, collate_fn=_whole_batch,

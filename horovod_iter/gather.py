@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
 
@@ -135,17 +136,18 @@ class BatchFetcher:
         if self._tensors is not None:
             # default_collate of TensorDataset samples gives a list of stacked tensors
             return [self._gather(t, indices, k) for k, t in enumerate(self._tensors)]
+        samples: list[Any]
         if self._getitems is not None:
             samples = self._getitems(indices.tolist())
         else:
             samples = []
-            dataset = self.dataset
-            for i in indices.tolist():
-                try:
-                    samples.append(dataset[i])
-                except Exception as e:
-                    raise SampleError(f"rank {self.rank}: dataset[{i}] raised "
-                                      f"{type(e).__name__}: {e}") from e
+            append, dataset, i = samples.append, self.dataset, None
+            try:  # one try around the loop: the per-sample path costs what torch's does
+                for i in indices.tolist():
+                    append(dataset[i])
+            except Exception as e:
+                raise SampleError(f"rank {self.rank}: dataset[{i}] raised "
+                                  f"{type(e).__name__}: {e}") from e
         try:
             return self.collate(samples)
         except Exception as e:
@@ -161,6 +163,19 @@ class BatchFetcher:
             ) from e
 
     def _output(self, k: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if get_worker_info() is not None:
+            # in a DataLoader worker: straight into shared memory, as default_collate does
+            # there, so sending the batch to the main process copies nothing
+            numel = 1
+            for d in shape:
+                numel *= d
+            storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+            return torch.empty(0, dtype=dtype).set_(storage).view(shape) if numel else \
+                torch.empty(shape, dtype=dtype)
+        return self._reused_or_new(k, shape, dtype)
+
+    def _reused_or_new(self, k: int, shape: tuple[int, ...],
+                       dtype: torch.dtype) -> torch.Tensor:
         """An output buffer: pinned memory comes from torch's caching host allocator (which
         recycles a block once its copy to the GPU is done); on the CPU a buffer of ours is
         reused when the user has let go of it, else a new one is made. Writing into warm

@@ -127,6 +127,7 @@ class DistributedLoader:
                  device_transform: Callable[[Any], Any] | None = None,
                  uneven: Uneven = "stop", timeout: float | None = 300.0,
                  worker_init_fn: Callable[[int], None] | None = None,
+                 persistent_workers: bool = False,
                  backend: Backend | str | None = None, progress: bool = False,
                  log_stats: bool = True) -> None:
         self.backend = backend if isinstance(backend, Backend) else (
@@ -147,6 +148,15 @@ class DistributedLoader:
                         timeout=timeout, drop_last=drop_last, progress=progress,
                         log_stats=log_stats, shuffle=shuffle,
                         device_transform=device_transform)
+        if not isinstance(persistent_workers, bool):
+            raise TypeError(f"persistent_workers must be a bool, got {persistent_workers!r}")
+        if persistent_workers and (num_workers == 0 or isinstance(dataset, IterableDataset)):
+            raise ValueError(
+                "persistent_workers=True needs num_workers > 0 and a map-style dataset (an "
+                "IterableDataset's epoch and resume state reach only new workers); got "
+                f"num_workers={num_workers}, dataset {type(dataset).__name__}")
+        self.persistent_workers = persistent_workers
+        self._workers: dict[Any, Any] = {}  # the DataLoader of persistent workers
         self.dataset = dataset
         self.is_iterable = isinstance(dataset, IterableDataset)
         self.uneven: Uneven = uneven
@@ -281,12 +291,13 @@ class DistributedLoader:
 
     def __iter__(self) -> DistributedIterator:
         self._follow_world()
-        self.close()
+        self._close_pass()
         self._propagate_epoch()
         resume, self._pending = self._pending, None
         bs = self.batch_size
         opts = FetchOptions(bs, self.drop_last, self.num_workers, self.collate_fn,
-                            self.worker_init_fn, self.pin_memory, self.backend.rank)
+                            self.worker_init_fn, self.pin_memory, self.backend.rank,
+                            self.persistent_workers)
         own = self._own_sampler()
         pass_ = Pass(self.epoch, bs, self.backend.size,
                      steps=resume.steps if resume else 0,
@@ -296,10 +307,10 @@ class DistributedLoader:
             self._check_even(pass_)
             c = pass_.cursor
             source = host_batches(self.dataset, opts, indices=plan_batches(
-                c.plan, c.slot, bs, self.drop_last))
+                c.plan, c.slot, bs, self.drop_last), workers=self._workers)
         elif self.sampler is not None:
             source = host_batches(self.dataset, opts, indices=sampler_batches(
-                self.sampler, pass_.samples, bs, self.drop_last))
+                self.sampler, pass_.samples, bs, self.drop_last), workers=self._workers)
         elif is_stateful(self.dataset):
             pass_.base = resume.dataset if resume else None
             source = host_batches(self.dataset, opts, world=self.backend.size,
@@ -333,12 +344,23 @@ class DistributedLoader:
                 f"{left}); use uneven='stop' (pads like torch), uneven='pad' (exact, with "
                 "empty batches), drop_last=True, or a dataset length divisible by the ranks")
 
-    def close(self) -> None:
-        """Close the pass in flight (its workers, streams and collectives)."""
+    def _close_pass(self) -> None:
         active = self._active() if self._active is not None else None
         self._active = None
         if active is not None:
             active.close()
+
+    def close(self) -> None:
+        """Close the pass in flight (its workers, streams and collectives) and stop the
+        persistent workers, if any. The loader stays usable: the next ``iter()`` starts
+        afresh."""
+        self._close_pass()
+        workers, self._workers = self._workers, {}
+        for dl in workers.values():
+            it = getattr(dl, "_iterator", None)
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
 
     def abandon(self) -> None:
         """Close the pass in flight without waiting for its collectives: their world is gone

@@ -3,7 +3,7 @@ any world size and worker count.
 
 A *consumer* is one DataLoader worker of one rank (``rank * workers + worker``; one per rank
 without workers). Each epoch the shards are put in an order that is a pure function of
-(seed, epoch) - :func:`horovod_iter.permutation.permute`, the sampler's - identical on every
+(seed, epoch) - `permute()`, the sampler's - identical on every
 rank with no communication, and dealt round-robin to the consumers: shard at position ``p``
 goes to consumer ``p mod C``. Every shard is read by exactly one consumer, so the world reads
 the data once (``horovod_iter.shard`` makes every consumer read all of it).
@@ -58,7 +58,7 @@ class ShardedDataset(IterableDataset[Any]):
         rank, num_replicas: this rank and the world size (default: the backend's; the
             loader keeps them current across Horovod elastic resets).
 
-    Use it with :class:`DistributedLoader`, whose ``state_dict()`` then holds the position of
+    Use it with `DistributedLoader`, whose ``state_dict()`` then holds the position of
     every consumer (``uneven="pad"`` gives every sample exactly once; ``"stop"`` stops at the
     shortest rank). Example:
 

@@ -16,7 +16,8 @@ Map-style data knows its batch count up front: the first message (sent at ``iter
 configuration check) decides the whole pass. Iterable data pulls batches ahead (two periods,
 so the collective's latency is hidden) and reports them every ``every`` steps: up to 64, as
 many as a 256 MB look-ahead holds, the smallest proposal of the ranks. Either way a message
-goes every ``every`` steps as a heartbeat (at most two in flight), and every pass ends with an
+goes as a heartbeat (map-style: about every 0.1 s, 64 to 1024 steps; at most two in flight),
+and every pass ends with an
 ``END`` message that confirms all ranks ended at the same step - so a rank that stalls or dies
 is noticed within ``timeout``, also in an epoch shorter than the heartbeat period. Ranks that
 run out at different steps are resolved by ``uneven``:
@@ -60,7 +61,9 @@ _KIND, _SERIAL, _STEP, _HASH = 0, 2, 4, 6
 _KNOWN, _END_AT, _EVERY, _FAILED_AT = 8, 10, 12, 13
 _FIELDS = 14
 _BUDGET_BYTES = 256 << 20   # host memory the iterable look-ahead may hold
-_MAX_EVERY = 64
+_MAX_EVERY = 64             # iterables: steps between reports (the look-ahead is twice that)
+_MIN_BEAT, _MAX_BEAT = 64, 1024  # map-style: steps between heartbeats
+_BEAT_S = 0.1               # map-style: aim for a heartbeat every this many seconds
 
 
 class MessageCounter(Iterator[int]):
@@ -136,6 +139,7 @@ class EndOfDataSync(Iterator[Any]):
         self._last_end = INF      # every rank's data ended by this step (INF: not known)
         self._first_failed = INF  # some rank's data raised at this step
         self._every = every if num_batches is not None else 4
+        self._beat_t, self._beat_step = time.perf_counter(), 0
         self._next_issue = 0
         self._template_shared = False
         self._done = False
@@ -172,10 +176,18 @@ class EndOfDataSync(Iterator[Any]):
             self._pulled += 1
 
     def _proposal(self) -> int:
-        """Steps between messages this rank proposes: issuing a collective costs far more
-        than a step's bookkeeping, so as many as the look-ahead's memory budget allows (the
+        """Steps between messages this rank proposes (the ranks take the smallest). Issuing a
+        collective costs far more than a step's bookkeeping (~1 ms on a busy host), so:
+        map-style data, a heartbeat about every 0.1 s of steps (64 to 1024 steps); iterable
+        data, as many steps as the look-ahead's memory budget allows, up to 64 (the
         look-ahead, two periods, also hides the collective's latency)."""
-        if self.num_batches is not None or not self._batch_bytes:
+        if self.num_batches is not None:
+            now, steps = time.perf_counter(), self._step - self._beat_step
+            beat = (int(steps / (now - self._beat_t) * _BEAT_S) if steps and now > self._beat_t
+                    else _MIN_BEAT)
+            self._beat_t, self._beat_step = now, self._step
+            return max(_MIN_BEAT, min(_MAX_BEAT, beat))
+        if not self._batch_bytes:
             return _MAX_EVERY
         return max(1, min(_MAX_EVERY, _BUDGET_BYTES // (2 * self._batch_bytes)))
 
@@ -228,7 +240,8 @@ class EndOfDataSync(Iterator[Any]):
         self._first_end = min(self._first_end, res[_END_AT])
         self._last_end = -res[_END_AT + 1] if -res[_END_AT + 1] < INF else INF
         self._first_failed = min(self._first_failed, res[_FAILED_AT])
-        self._every = max(1, min(_MAX_EVERY, res[_EVERY]))
+        self._every = max(1, min(_MAX_BEAT if self.num_batches is not None else _MAX_EVERY,
+                                 res[_EVERY]))
 
     def _explain_config(self) -> None:
         """Every rank saw the mismatch in the same message: gather the configs and say

@@ -78,7 +78,8 @@ def cases(repeats: int, quick: bool, only_first: bool = False) -> list[dict[str,
         return lambda: dl
 
     def ours(ds: Any, bs: int, workers: int) -> Callable[[], Any]:
-        ld = hi.DistributedLoader(ds, batch_size=bs, num_workers=workers, device="cpu")
+        ld = hi.DistributedLoader(ds, batch_size=bs, num_workers=workers, device="cpu",
+                                  persistent_workers=workers > 0)
         return lambda: ld
 
     out = []
@@ -167,6 +168,7 @@ def chart(rows: list[tuple[str, int, dict[str, Any]]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
     ax.barh(range(len(rows)), speed, color=["tab:green" if s >= 1 else "tab:red" for s in speed])
     ax.axvline(1.0, color="black", lw=1)
+    ax.set_xlim(0, max(speed) * 1.18)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("speedup over torch DataLoader + DistributedSampler (>1: ours faster)")

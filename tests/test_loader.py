@@ -217,9 +217,9 @@ def test_stalled_rank_makes_the_others_raise_within_timeout(launcher):
     for r in (res[0], res[2]):
         assert r["error"] is not None and r["timeout_error"], r["error"]
         # rank 1 stalls before asking for step 3 (of 1000); the others go on until the
-        # heartbeat they wait for (at most two in flight, 64 steps apart) and raise there,
-        # naming the step
-        assert 3 <= len(r["batches"]) <= 3 + 3 * 64
+        # heartbeat they wait for (at most two in flight, 64 to 1024 steps apart) or the
+        # end-of-pass confirmation, and raise there, naming the step
+        assert 3 <= len(r["batches"]) <= 1000
         assert f"this rank is at step {len(r['batches'])}" in r["error"], r["error"]
     # the first survivor to time out says so; the other may instead see it leave (Horovod
     # shuts down): also a DataTimeoutError, naming the same step
