@@ -13,21 +13,11 @@ import torch
 from harness import launch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler as TorchSampler
+from toy_data import Ids
 
 import horovod_iter as hi
-
-
-class Ids(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.tensor(i)
 
 
 class Stream(IterableDataset):

@@ -1,0 +1,18 @@
+"""Small datasets shared by the tests and their launched workers."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+class Ids(Dataset):
+    """Sample ``i`` is ``tensor(i)``: batches show exactly which samples they hold."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(i)
