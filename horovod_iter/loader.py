@@ -26,7 +26,6 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from .backend import Backend, get_backend, init
-from .errors import UnevenDataError
 from .fetch import (
     FetchOptions,
     HostSource,
@@ -36,7 +35,7 @@ from .fetch import (
     sampler_batches,
 )
 from .iterator import DistributedIterator, Pass
-from .loader_config import check_arguments, loader_sampler, positive_int
+from .loader_config import check_arguments, check_even, loader_sampler, positive_int
 from .loader_state import (
     BATCH,
     DATASET,
@@ -304,8 +303,9 @@ class DistributedLoader:
                      samples=resume.samples if resume else 0,
                      cursor=own.begin_iteration() if own is not None else None)
         if pass_.cursor is not None:
-            self._check_even(pass_)
             c = pass_.cursor
+            if self.uneven == "error":
+                check_even(c.plan, c.slot, self.backend.rank)
             source = host_batches(self.dataset, opts, indices=plan_batches(
                 c.plan, c.slot, bs, self.drop_last), workers=self._workers)
         elif self.sampler is not None:
@@ -331,18 +331,6 @@ class DistributedLoader:
         it = DistributedIterator(self, pass_, source, self._iterations)
         self._active = weakref.ref(it)
         return it
-
-    def _check_even(self, pass_: Pass) -> None:
-        if self.uneven != "error" or pass_.cursor is None:
-            return
-        c = pass_.cursor
-        left = [max(0, n - c.slot) for n in c.plan.counts]
-        if len(set(left)) > 1:
-            raise UnevenDataError(
-                f"rank {self.backend.rank}: uneven='error' and the {c.plan.remaining} samples "
-                f"of this pass do not split evenly over {c.plan.world} ranks (per rank: "
-                f"{left}); use uneven='stop' (pads like torch), uneven='pad' (exact, with "
-                "empty batches), drop_last=True, or a dataset length divisible by the ranks")
 
     def _close_pass(self) -> None:
         active = self._active() if self._active is not None else None

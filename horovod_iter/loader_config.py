@@ -8,10 +8,12 @@ from torch.utils.data import IterableDataset, Sampler
 from torch.utils.data.distributed import DistributedSampler as TorchDistributedSampler
 
 from .backend import Backend
+from .errors import UnevenDataError
+from .plan import EpochPlan
 from .sampler import DistributedSampler, is_int
 from .sync import UNEVEN
 
-__all__ = ["check_arguments", "loader_sampler", "positive_int"]
+__all__ = ["check_arguments", "check_even", "loader_sampler", "positive_int"]
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -84,3 +86,15 @@ def loader_sampler(dataset: Any, sampler: Sampler[Any] | None, backend: Backend,
             "pads (it repeats samples to even out the ranks); pass "
             "horovod_iter.DistributedSampler(dataset, pad=False), or leave sampler out")
     return sampler
+
+
+def check_even(plan: EpochPlan, first: int, rank: int) -> None:
+    """``uneven="error"`` on map-style data: refuse, on every rank alike (the plan is the
+    same everywhere), a pass whose ranks would get different sample counts."""
+    left = [max(0, n - first) for n in plan.counts]
+    if len(set(left)) > 1:
+        raise UnevenDataError(
+            f"rank {rank}: uneven='error' and the {plan.remaining} samples of this pass do "
+            f"not split evenly over {plan.world} ranks (per rank: {left}); use uneven='stop' "
+            "(pads like torch), uneven='pad' (exact, with empty batches), drop_last=True, or a "
+            "dataset length divisible by the ranks")
