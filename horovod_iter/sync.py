@@ -129,9 +129,9 @@ class EndOfDataSync(Iterator[Any]):
         self._pulled = 0                      # batches pulled (iterable) from the pass start
         self._ended_at: int | None = num_batches  # this rank's batch count once known
         self._failed = False
-        self._batch_bytes = 0
-        self._inflight: collections.deque[tuple[int, int, AsyncHandle, float]] = \
-            collections.deque()               # (kind, step issued, handle, time issued)
+        self._batch_bytes: int | None = None  # of the first batch (sizes the look-ahead)
+        self._inflight: collections.deque[tuple[int, int, AsyncHandle]] = \
+            collections.deque()               # (kind, step issued, handle)
         # what every rank knows, from completed messages
         self._all_have = 0        # every rank has data at steps < this
         self._some_have = 0       # some rank has data at steps < this
@@ -150,9 +150,6 @@ class EndOfDataSync(Iterator[Any]):
         self._issue(_CONFIG)      # at iter(): also the configuration check
 
     # -- messages -------------------------------------------------------------------------
-    def _lookahead(self) -> int:
-        return 2 * self._every
-
     def _pull_ahead(self, upto: int) -> None:
         """Iterable data: pull batches until ``upto`` are known or the data ends."""
         while self._ended_at is None and self._pulled < upto and self._source is not None:
@@ -169,9 +166,10 @@ class EndOfDataSync(Iterator[Any]):
                 self._buffer.append(ErrorBox(e))
                 self._ended_at, self._failed, self._source = self._pulled, True, None
                 return
-            if self._template is None:
-                self._template = batch
+            if self._batch_bytes is None:
                 self._batch_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(batch))
+            if self._template is None and self.uneven == "pad":
+                self._template = batch
             self._buffer.append(batch)
             self._pulled += 1
 
@@ -194,7 +192,7 @@ class EndOfDataSync(Iterator[Any]):
     def _issue(self, kind: int) -> None:
         step = self._step
         if self.num_batches is None and kind != _END:
-            self._pull_ahead(step + self._lookahead())
+            self._pull_ahead(step + 2 * self._every)  # two periods: hides the latency
         known = self.num_batches if self.num_batches is not None else self._pulled
         end = INF if self._ended_at is None else self._ended_at
         h = config_hash(self._config) if kind == _CONFIG and self._config is not None else 0
@@ -208,11 +206,11 @@ class EndOfDataSync(Iterator[Any]):
             self._finish()
             e.args = (f"{e} (while sending {_KINDS[kind]} of step {step})",)
             raise
-        self._inflight.append((kind, step, handle, time.perf_counter()))
+        self._inflight.append((kind, step, handle))
         self._next_issue = step + self._every
 
     def _wait_oldest(self) -> None:
-        kind, step, handle, _ = self._inflight.popleft()
+        kind, step, handle = self._inflight.popleft()
         t0 = time.perf_counter()
         try:
             res = handle.wait(self.timeout, what=f"the other ranks at {_KINDS[kind]} of step "
@@ -346,8 +344,8 @@ class EndOfDataSync(Iterator[Any]):
                 f"rank {self.backend.rank}: expected {self.num_batches} batches but the source "
                 f"ended after {s}; did the dataset's length change during the epoch, or does "
                 "the sampler yield fewer indices than its len()?")
-        if self._template is None:
-            self._template = batch
+        if self._template is None and self.uneven == "pad":
+            self._template = batch  # kept only where an empty batch may be needed
         return batch
 
     def _end(self, s: int) -> None:
@@ -395,7 +393,7 @@ class EndOfDataSync(Iterator[Any]):
         every rank that stopped at the same step issued the same ones."""
         self._finish()
         inflight, self._inflight = self._inflight, collections.deque()
-        for _, _, handle, _ in inflight:
+        for _, _, handle in inflight:
             try:
                 handle.wait(timeout, what="an end-of-data message in flight at close()")
             except Exception as e:  # the other ranks stopped at another step

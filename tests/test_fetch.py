@@ -24,7 +24,9 @@ def test_reuse_is_available_and_happens_when_batches_are_dropped():
     ptrs = set()
     for (x,) in loader():
         ptrs.add(x.data_ptr())
-    assert len(ptrs) <= 3  # 16 batches in a handful of buffers: reused
+    # 16 batches in two buffers (the loop variable holds one while the next is gathered):
+    # nothing else, e.g. the end-of-data check, keeps a batch alive
+    assert len(ptrs) <= 2
 
 
 def test_kept_batches_are_never_overwritten():
