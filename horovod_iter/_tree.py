@@ -14,7 +14,8 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 
-__all__ = ["ErrorBox", "empty_like", "tree_leaves", "tree_map", "tree_structure"]
+__all__ = ["ErrorBox", "empty_like", "first_tensor", "tree_leaves", "tree_map",
+           "tree_structure"]
 
 
 def _walk(obj: Any, leaf: Callable[[Any], Any], is_leaf: Callable[[Any], bool]) -> Any:
@@ -64,6 +65,28 @@ def tree_leaves(obj: Any) -> list[torch.Tensor]:
 
     _walk(obj, keep, _is_tensor)
     return found
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor of a nested batch in walk order, found without rebuilding anything
+    (per batch, so it stops at the first tensor)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (str, bytes)):
+        return None
+    if isinstance(obj, Mapping):
+        children: Any = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        children = obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = (getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init)
+    else:
+        return None
+    for child in children:
+        found = first_tensor(child)
+        if found is not None:
+            return found
+    return None
 
 
 def _describe(x: Any) -> Any:

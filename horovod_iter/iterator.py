@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import backend as _backend
+from ._tree import first_tensor
 from .errors import OutOfRangeError
 from .fetch import HostSource
 from .gather import BatchFetcher
@@ -64,16 +64,8 @@ class Pass:
 
 def _rows(batch: Any) -> int:
     """Rows in a batch: the first dimension of its first tensor (1 for a 0-dim one)."""
-    x = batch
-    while True:
-        if isinstance(x, torch.Tensor):
-            return int(x.shape[0]) if x.dim() else 1
-        if isinstance(x, (list, tuple)) and x:
-            x = x[0]
-        elif isinstance(x, dict) and x:
-            x = next(iter(x.values()))
-        else:
-            return 0
+    t = first_tensor(batch)
+    return 0 if t is None else (int(t.shape[0]) if t.dim() else 1)
 
 
 class DistributedIterator:

@@ -403,3 +403,18 @@ def test_an_iterator_dropped_without_close_is_freed_at_once():
         assert [r() for r in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+def test_stats_count_rows_whatever_the_batch_structure():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Batch:
+        names: list
+        x: torch.Tensor
+
+    items = [(f"s{i}", torch.tensor([i, i])) for i in range(10)]
+    loader = hi.DistributedLoader(items, batch_size=4, shuffle=False, collate_fn=lambda ss: Batch(
+        [n for n, _ in ss], torch.stack([x for _, x in ss])))
+    assert [len(b.names) for b in loader] == [4, 4, 2]
+    assert loader.stats()["samples"] == 10  # the first tensor is found past the strings
