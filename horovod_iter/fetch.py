@@ -194,11 +194,9 @@ class _IterableBatches(IterableDataset[Any]):
     (datasets with ``elastic_state``, e.g. ``ShardedDataset``) or a list indexed by consumer.
     """
 
-    def __init__(self, dataset: Any, opts: FetchOptions, world: int,
-                 resume: Any = None) -> None:
+    def __init__(self, dataset: Any, opts: FetchOptions, resume: Any = None) -> None:
         self.dataset = dataset
         self.opts = opts
-        self.world = world
         self.resume = resume
 
     def __iter__(self) -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -220,8 +218,7 @@ class _IterableBatches(IterableDataset[Any]):
             samples = list(itertools.islice(it, bs))
             if not samples or (self.opts.drop_last and len(samples) < bs):
                 return
-            position = {"consumer": consumer, "consumers": self.world * workers,
-                        "state": ds.state_dict() if stateful else None}
+            position = {"consumer": consumer, "state": ds.state_dict() if stateful else None}
             yield collate(samples), position
 
 
@@ -276,7 +273,7 @@ class _WorkerSource(HostSource):
 
 def host_batches(dataset: Any, opts: FetchOptions, *,
                  indices: tuple[Iterator[np.ndarray], int | None] | None = None,
-                 world: int = 1, resume: Any = None, skip: int = 0,
+                 resume: Any = None, skip: int = 0,
                  workers: dict[Any, DataLoader[Any]] | None = None) -> HostSource:
     """This rank's host batches: from index batches (map-style), or from the iterable itself
     (``indices=None``): resumed from ``resume`` (a stateful dataset) or by replaying ``skip``
@@ -299,7 +296,7 @@ def host_batches(dataset: Any, opts: FetchOptions, *,
                 workers[key] = dl
         dl.sampler.arrays = arrays  # type: ignore[attr-defined]
         return _WorkerSource(dl, count, opts.rank)
-    batches = DataLoader(_IterableBatches(dataset, opts, world, resume), batch_size=None,
+    batches = DataLoader(_IterableBatches(dataset, opts, resume), batch_size=None,
                          num_workers=opts.num_workers, collate_fn=_whole_batch,
                          pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn)
     return _WorkerSource(batches, None, opts.rank, skip, tagged=True)

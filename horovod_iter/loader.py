@@ -313,8 +313,7 @@ class DistributedLoader:
                 self.sampler, pass_.samples, bs, self.drop_last), workers=self._workers)
         elif is_stateful(self.dataset):
             pass_.base = resume.dataset if resume else None
-            source = host_batches(self.dataset, opts, world=self.backend.size,
-                                  resume=pass_.base)
+            source = host_batches(self.dataset, opts, resume=pass_.base)
         elif resume is not None and resume.finished:
             source = _Empty()
         else:
@@ -324,8 +323,7 @@ class DistributedLoader:
                     "batches (O(steps), and only exact if it yields the same stream again); "
                     "give it state_dict()/load_state_dict() or use horovod_iter.ShardedDataset",
                     stacklevel=2)
-            source = host_batches(self.dataset, opts, world=self.backend.size,
-                                  skip=pass_.steps)
+            source = host_batches(self.dataset, opts, skip=pass_.steps)
         self._pass = pass_
         self._iterations += 1
         it = DistributedIterator(self, pass_, source, self._iterations)

@@ -113,8 +113,3 @@ class EpochPlan:
             rank=self.rank if rank is None else rank,
             pad=self.pad if pad is None else pad,
             drop_last=self.drop_last if drop_last is None else drop_last)
-
-    def fresh(self, epoch: int | None = None) -> EpochPlan:
-        """The plan of a whole epoch (``epoch``, default this one) from its beginning."""
-        return dataclasses.replace(self, start=0,
-                                   epoch=self.epoch if epoch is None else epoch)

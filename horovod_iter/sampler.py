@@ -80,26 +80,20 @@ def _check_world(num_replicas: Any, rank: Any) -> tuple[int, int]:
 class Cursor:
     """A pass's position: the plan frozen at ``iter()`` and the slots taken on every rank.
 
-    ``first`` is where the pass began (0, or the resumed slot); ``slot`` moves as samples are
-    handed out. Whoever hands samples out advances it: the sampler's own iterator per index,
+    ``slot`` starts at 0, or at the resumed slot, and moves as samples are handed out.
+    Whoever hands samples out advances it: the sampler's own iterator per index,
     `DistributedLoader` per batch handed to the user (never prefetched).
     """
 
-    __slots__ = ("_end", "first", "plan", "slot")
+    __slots__ = ("_end", "plan", "slot")
 
     def __init__(self, plan: EpochPlan, slot: int = 0) -> None:
         self.plan = plan
-        self.first = slot
         self.slot = slot
         self._end = plan.max_count
 
     def advance(self, slots: int) -> None:
         self.slot = min(self.slot + slots, self._end)
-
-    @property
-    def left(self) -> int:
-        """Slots this rank has left in the pass."""
-        return max(0, self.plan.count() - self.slot)
 
 
 class _SamplerIterator(Iterator[int]):
