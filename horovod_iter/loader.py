@@ -263,12 +263,18 @@ class DistributedLoader:
         """What every rank must agree on at ``iter()`` (checked with one allreduce)."""
         own = self._own_sampler()
         return {
-            "dataset": "iterable" if self.is_iterable else len(self.dataset),
+            "dataset": self._dataset_fingerprint(),
             "batch_size": self.batch_size, "world_size": self.backend.size,
             "uneven": self.uneven, "drop_last": self.drop_last, "epoch": self.epoch,
             "iteration": self._iterations,
             "sampler": None if own is None else own.state_dict(),
         }
+
+    def _dataset_fingerprint(self) -> Any:
+        if not self.is_iterable:
+            return len(self.dataset)
+        fingerprint = getattr(self.dataset, "fingerprint", None)
+        return fingerprint() if callable(fingerprint) else "iterable"
 
     # -- iteration --------------------------------------------------------------------
     def _follow_world(self) -> None:

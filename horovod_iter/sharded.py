@@ -23,6 +23,7 @@ accepts a ``start=`` keyword.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import random
@@ -108,8 +109,19 @@ class ShardedDataset(IterableDataset[Any]):
         except (TypeError, ValueError):
             self._seeks = False
         self._resume: dict[str, Any] | None = None
+        self._fingerprint: str | None = None
         self._consumer = (0, 1)        # (consumer, consumers) of the current iteration
         self._progress = [0, 0, 0]     # done shards, offset in the next one, yielded
+
+    def fingerprint(self) -> str:
+        """What every rank must agree on (the shard list in its order, seed, shuffle, sizes):
+        the loader checks it at ``iter()``, so a rank that listed its files differently is
+        refused instead of reading other shards than the ranks believe it reads."""
+        if self._fingerprint is None:
+            blob = repr((self.shards, self.seed, self.shuffle, self.sizes)).encode()
+            digest = hashlib.blake2b(blob, digest_size=8).hexdigest()
+            self._fingerprint = f"ShardedDataset({len(self.shards)} shards, {digest})"
+        return self._fingerprint
 
     # -- layout ---------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

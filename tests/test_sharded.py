@@ -80,6 +80,16 @@ def test_checkpoint_mid_epoch_resumes_on_another_world_exactly_once(before, afte
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
+def test_ranks_with_different_shard_lists_are_refused_on_every_rank(launcher, tmp_path):
+    write_shards(tmp_path, [4] * 6)
+    res = run(launcher, 2, dir=str(tmp_path), batch_size=2, reversed_on_rank=1)
+    for r in res:
+        assert r["error"] is not None and r["error"].startswith("ConfigMismatchError"), r
+        assert "dataset: rank 0=" in r["error"] and r["epochs"] == {}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["horovod", "torch"])
 def test_a_read_that_raises_names_the_shard_and_the_rank(launcher, tmp_path):
     write_shards(tmp_path, [4] * 6)
     res = launch(launcher, 2, "sharded_run.py", json.dumps(dict(

@@ -65,6 +65,8 @@ try:
         ds = Counting(cfg["stateful_stream"], f"{cfg['gen_dir']}/gen-{b.rank}")
     else:
         shards = sorted(str(p) for p in Path(cfg["dir"]).glob("s*.jsonl"))
+        if cfg.get("reversed_on_rank") == b.rank:  # e.g. an unsorted directory listing
+            shards.reverse()
         ds = hi.ShardedDataset(shards, read, seed=3, shuffle_buffer=cfg.get("buffer", 0))
     loader = hi.DistributedLoader(ds, batch_size=cfg["batch_size"], uneven=cfg.get("uneven", "pad"),
                                   num_workers=cfg.get("workers", 0), collate_fn=collate,
