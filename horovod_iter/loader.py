@@ -16,6 +16,7 @@ The position model (the contract; docs/checkpoints.md says it for users):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import warnings
 import weakref
@@ -61,7 +62,7 @@ from .loader_state import (
 from .plan import steps_for
 from .prefetch import resolve_device
 from .sampler import DistributedSampler, is_int
-from .sync import MessageCounter, Uneven
+from .sync import MessageCounter, Uneven, agree_on_state
 
 __all__ = ["DistributedIterator", "DistributedLoader"]
 
@@ -376,6 +377,7 @@ class DistributedLoader:
         own = self._own_sampler()
         p = self._pending or self._pass
         world = p.world if isinstance(p, Pass) else self.backend.size
+        dataset = self._dataset_state(p)  # first: it may send a message (counted below)
         state = {
             TYPE: STATE_TYPE, VERSION: STATE_VERSION, EPOCH: self.epoch,
             STEPS: p.steps if p else 0, SAMPLES: p.samples if p else 0,
@@ -384,7 +386,7 @@ class DistributedLoader:
             GLOBAL_BATCH: self._global_size, UNEVEN_MODE: self.uneven,
             ITERATIONS: self._iterations, MESSAGES: self.messages.value,
             SAMPLER: None if own is None else own.state_dict(),
-            DATASET: self._dataset_state(p),
+            DATASET: dataset,
         }
         if self.is_iterable and is_stateful(self.dataset):
             self._gathered = state
@@ -397,8 +399,11 @@ class DistributedLoader:
             return p.dataset
         if p is None:  # nothing handed out this epoch, on any rank: no need to gather
             return None
+        agree = functools.partial(agree_on_state, self.backend, name=f"horovod_iter.{self.id}",
+                                  ops=self.messages, serial=self._iterations, step=p.steps,
+                                  timeout=self.timeout)
         return gather_dataset_state(self.dataset, self.backend, self._consumers(), p.positions,
-                                    p.base)
+                                    p.base, agree)
 
     def _consumers(self) -> int:
         return self.backend.size * max(1, self.num_workers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .backend import Backend
 from .sampler import is_int
@@ -30,11 +30,15 @@ class Resume:
     dataset: Any = None  # a stateful iterable's saved state
 
 def gather_dataset_state(dataset: Any, backend: Backend, consumers: int,
-                         positions: Mapping[int, Any], base: Any = None) -> Any:
+                         positions: Mapping[int, Any], base: Any = None,
+                         agree: Callable[[], None] | None = None) -> Any:
     """A stateful iterable's position: every consumer's state as of the last batch handed
-    out, gathered over the ranks (a collective: every rank calls it at the same step).
-    Datasets with ``elastic_state`` (``ShardedDataset``) merge them into one state."""
+    out, gathered over the ranks (a collective: every rank calls it at the same step, which
+    ``agree`` checks first). Datasets with ``elastic_state`` (``ShardedDataset``) merge them
+    into one state."""
     states: list[Any] = [None] * consumers
+    if backend.size > 1 and agree is not None:
+        agree()
     parts = [dict(positions)] if backend.size == 1 else backend.allgather_object(
         dict(positions))
     for part in parts:

@@ -47,15 +47,17 @@ from ._tree import ErrorBox, empty_like, tree_leaves
 from .backend import AsyncHandle, Backend
 from .errors import ConfigMismatchError, RankFailureError, SampleError, UnevenDataError
 
-__all__ = ["UNEVEN", "EndOfDataSync", "MessageCounter", "Uneven", "config_hash"]
+__all__ = ["UNEVEN", "EndOfDataSync", "MessageCounter", "Uneven", "agree_on_state",
+           "config_hash"]
 
 log = logging.getLogger("horovod_iter")
 
 Uneven = Literal["stop", "pad", "error"]
 UNEVEN: tuple[Uneven, ...] = ("stop", "pad", "error")
 INF = 1 << 62
-_CONFIG, _FLAGS, _END = 1, 2, 3
-_KINDS = {_CONFIG: "the configuration check", _FLAGS: "a heartbeat", _END: "the end of data"}
+_CONFIG, _FLAGS, _END, _STATE = 1, 2, 3, 4
+_KINDS = {_CONFIG: "the configuration check", _FLAGS: "a heartbeat", _END: "the end of data",
+          _STATE: "state_dict()"}
 # message layout: (x, -x) header pairs, then data fields reduced with min
 _KIND, _SERIAL, _STEP, _HASH = 0, 2, 4, 6
 _KNOWN, _END_AT, _EVERY, _FAILED_AT = 8, 10, 12, 13
@@ -75,6 +77,26 @@ class MessageCounter(Iterator[int]):
     def __next__(self) -> int:
         self.value += 1
         return self.value - 1
+
+
+def agree_on_state(backend: Backend, *, name: str, ops: Iterator[int], serial: int, step: int,
+                   timeout: float | None) -> None:
+    """One message of the loader's sequence before a collective ``state_dict()`` (sharded
+    data): every rank must send it at the same step. A rank that calls ``state_dict()`` alone
+    (``if rank == 0: loader.state_dict()``) meets the others' next message instead - a
+    mismatched header, an error on every rank in it - or nobody, and times out; it never
+    waits forever in the gather that follows."""
+    msg = [_STATE, -_STATE, serial, -serial, step, -step, 0, 0, 0, 0, INF, -INF, _MIN_BEAT, INF]
+    res = backend.allreduce_async(torch.tensor(msg, dtype=torch.int64), "min",
+                                  name=f"{name}.{next(ops)}").wait(
+        timeout, what=f"the other ranks at state_dict() (pass {serial}, step {step}); "
+                      "call loader.state_dict() on every rank at the same step").tolist()
+    if any(res[f] != -res[f + 1] for f in (_KIND, _SERIAL, _STEP)):
+        raise ConfigMismatchError(
+            f"rank {backend.rank}: loader.state_dict() of sharded or stateful iterable data "
+            "gathers every rank's position: call loader.state_dict() on every rank at the "
+            "same step (as with Horovod's state.commit()), not on one rank only; the dict is "
+            "then the same everywhere and rank 0 can save it alone")
 
 
 def config_hash(config: Mapping[str, Any]) -> int:

@@ -90,6 +90,18 @@ def test_ranks_with_different_shard_lists_are_refused_on_every_rank(launcher, tm
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
+def test_state_dict_on_rank_0_alone_is_an_error_not_a_hang(launcher, tmp_path):
+    write_shards(tmp_path, [9] * 8)
+    res = launch(launcher, 2, "sharded_run.py", json.dumps(dict(
+        dir=str(tmp_path), batch_size=2, stop_after=2, state_out=str(tmp_path / "s.json"),
+        state_on_rank0_only=True)), timeout=150, expect_fail=None)
+    assert res[0] is not None and res[0]["error"] is not None, res
+    assert "call loader.state_dict() on every rank at the same step" in res[0]["error"]
+    assert res[1] is None or res[1]["error"] is not None, res  # no silent success
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["horovod", "torch"])
 def test_a_read_that_raises_names_the_shard_and_the_rank(launcher, tmp_path):
     write_shards(tmp_path, [4] * 6)
     res = launch(launcher, 2, "sharded_run.py", json.dumps(dict(

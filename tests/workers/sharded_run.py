@@ -79,6 +79,8 @@ try:
         for step, batch in enumerate(loader):
             got.append(batch.tolist())
             if cfg.get("stop_after") is not None and step + 1 == cfg["stop_after"]:
+                if cfg.get("state_on_rank0_only") and b.rank != 0:
+                    continue  # the mistake under test: only rank 0 asks for the state
                 state = loader.state_dict()  # every rank: it gathers the consumers' positions
                 if b.rank == 0:
                     Path(cfg["state_out"]).write_text(json.dumps(state))
