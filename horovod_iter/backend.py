@@ -5,7 +5,16 @@ The rest of the library talks only to `Backend`, so the same sampler and loader 
 unchanged under ``horovodrun``, ``torchrun`` and plain ``python``.
 
 Collectives offered (and nothing more): allreduce of a small integer tensor (sum, min, max),
-blocking or asynchronous with a timeout; ``broadcast_object``; ``allgather_object``; ``barrier``.
+blocking or asynchronous; ``broadcast_object``; ``allgather_object``; ``barrier``. Every wait
+is bounded (the loader's ``timeout``, else ``HOROVOD_ITER_TIMEOUT``) and raises only our errors.
+
+Teardown (torchtitan's rule: destroy process groups only after a clean run): a collective of
+ours that timed out, failed or was left unmatched marks the backend *failed*. At exit a failed
+(or still busy) backend abandons its groups instead of destroying them - destroying a gloo
+group joins its worker threads, which wait on the dead rank for the group timeout, and
+Horovod's shutdown joins its background thread likewise. Under Horovod a failed process that
+is ending on an uncaught exception leaves with ``os._exit`` (status 1) after flushing its
+output, ahead of Horovod's own exit handlers.
 The Horovod and torch.distributed backends live in `backend_horovod` and
 `backend_torch`, imported only when chosen. This module imports nothing of the
 library but `errors`.
@@ -14,19 +23,24 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import logging
 import os
+import pickle
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 
-from .errors import BackendError, DataTimeoutError
+from .errors import BackendError, DataTimeoutError, HorovodIterError, RankFailureError
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
+    "DEFAULT_TIMEOUT",
     "AsyncHandle",
     "Backend",
     "get_backend",
@@ -39,31 +53,72 @@ BACKEND_ENV = "HOROVOD_ITER_BACKEND"
 #: Backend names accepted by `init()`.
 BACKENDS = ("horovod", "torch", "local")
 _OPS = ("sum", "min", "max")
+#: seconds a collective of ours waits when no loader says otherwise (``HOROVOD_ITER_TIMEOUT``)
+DEFAULT_TIMEOUT = float(os.environ.get("HOROVOD_ITER_TIMEOUT", "300"))
 # Environment variables set by horovodrun (gloo), mpirun (Open MPI, MPICH/Intel MPI, PMIx).
 _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
+_FOREVER = None
+
+
 class AsyncHandle(ABC):
-    """An allreduce in flight. ``wait`` returns the reduced tensor."""
+    """A collective in flight; ``wait`` returns its result.
+
+    Every wait of the library goes through here, bounded by a timeout: a wait that times out
+    or fails records the failure on the backend (`Backend.fail`), so that later collectives
+    raise at once and the exit path does not wait on the dead ranks."""
+
+    def __init__(self, backend: Backend | None = None) -> None:
+        self._backend = backend
+        self._finished = False
+        self._value: Any = None
 
     @abstractmethod
+    def _ready(self) -> bool:
+        """True once the result can be collected without blocking."""
+
+    @abstractmethod
+    def _collect(self) -> Any:
+        """The result (called once ``_ready``); may raise the backend's own error."""
+
     def done(self) -> bool:
         """True once the result is ready (``wait`` will not block)."""
+        return self._finished or bool(self._ready())
 
-    @abstractmethod
-    def wait(self, timeout: float | None = None, what: str = "an allreduce") -> torch.Tensor:
-        """Block until the result is ready; raise `DataTimeoutError` after ``timeout`` s."""
+    def wait(self, timeout: float | None = _FOREVER, what: str = "an allreduce") -> Any:
+        """Block until the result is ready; raise `DataTimeoutError` after ``timeout`` s
+        (``None``: no limit) and `RankFailureError` if the collective failed."""
+        if not self._finished:
+            b = self._backend
+            if timeout is not None and not poll_until(self._ready, timeout):
+                assert b is not None
+                err = timeout_error(b, what, timeout)
+                b.fail(str(err))
+                raise err
+            try:
+                self._value = self._collect()
+            except HorovodIterError:
+                raise
+            except Exception as e:  # the backend's own error: a rank died or raised
+                assert b is not None
+                failure = b.failure_error(what, e)
+                b.fail(str(failure))
+                raise failure from e
+            self._finished = True
+        return self._value
 
 
 class _DoneHandle(AsyncHandle):
-    def __init__(self, result: torch.Tensor) -> None:
-        self._result = result
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self._value, self._finished = result, True
 
-    def done(self) -> bool:
+    def _ready(self) -> bool:
         return True
 
-    def wait(self, timeout: float | None = None, what: str = "an allreduce") -> torch.Tensor:
-        return self._result
+    def _collect(self) -> Any:
+        return self._value
 
 
 def poll_until(done: Callable[[], bool], timeout: float | None) -> bool:
@@ -87,10 +142,34 @@ def timeout_error(backend: Backend, what: str, timeout: float | None) -> DataTim
     )
 
 
+def dumps(obj: Any) -> bytes:
+    """Pickle for an object collective: by reference where possible (a class of the script
+    arrives as the same class on every rank), by value (cloudpickle) where pickle cannot."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        import cloudpickle  # Horovod's own dependency; without it the error above stands
+
+        return bytes(cloudpickle.dumps(obj))
+
+
 class Backend(ABC):
-    """Rank facts and the library's collectives. Obtain one with `init()`."""
+    """Rank facts and the library's collectives. Obtain one with `init()`.
+
+    Subclasses implement the raw operations (``_allreduce``, ``_allgather_bytes``,
+    ``_broadcast_bytes``); this class bounds every wait with a timeout, turns the backend's
+    own errors into ours, and keeps the one *failed* fact that the exit path reads: after a
+    collective of ours timed out, failed, or was left unmatched, the ranks' collectives are
+    out of step - later ones raise at once, and at exit the group is abandoned instead of
+    destroyed (destroying it would join threads that wait on the dead ranks).
+    """
 
     name: str = ""
+
+    def __init__(self) -> None:
+        self._failure: str | None = None
+        self._closed = False
+        self._pending: list[AsyncHandle] = []  # issued, never waited (complete by themselves)
 
     @property
     @abstractmethod
@@ -112,33 +191,123 @@ class Backend(ABC):
     def local_size(self) -> int:
         """Number of processes on this host."""
 
-    @abstractmethod
+    # -- failure and exit -------------------------------------------------------------
+    @property
+    def failed(self) -> str | None:
+        """Why the ranks' collectives are out of step (None while they are not)."""
+        return self._failure
+
+    def fail(self, reason: str) -> None:
+        """Record that a collective of ours failed, timed out, or was left unmatched: later
+        collectives raise `RankFailureError` at once, and the exit path abandons the group."""
+        if self._failure is None:
+            self._failure = reason
+            self._on_failure()
+
+    def _on_failure(self) -> None:  # noqa: B027 - optional hook
+        """Called once, when the backend first fails."""
+
+    def failure_error(self, what: str, cause: BaseException) -> RankFailureError:
+        """Our error for the backend's own exception ``cause`` (kept as ``__cause__``)."""
+        return RankFailureError(
+            f"rank {self.rank} of {self.size} ({self.name} backend): {what} failed, most "
+            f"likely because another rank died or raised: {type(cause).__name__}: {cause}")
+
+    def _guard(self, what: str) -> None:
+        if self._closed:
+            raise BackendError(
+                f"{what}: the {self.name} backend of this loader was shut down "
+                "(horovod_iter.shutdown()); call horovod_iter.init() and build the loader "
+                "again after a shutdown")
+        if self._failure is not None:
+            raise RankFailureError(
+                f"rank {self.rank} of {self.size}: {what} not started: an earlier collective "
+                f"of horovod_iter failed, so the ranks are out of step ({self._failure}). "
+                "End the job (or, under Horovod elastic, let it reset).")
+
+    def adopt(self, handles: Iterable[AsyncHandle]) -> None:
+        """Take collectives that nobody will wait for (a pass closed early): they complete
+        by themselves when every rank issued them; the exit path needs to know of those
+        that never do."""
+        self._pending = [h for h in self._pending if not h.done()]
+        self._pending.extend(handles)
+
+    def pending(self) -> bool:
+        """True if a collective of ours is still in flight (never completed)."""
+        self._pending = [h for h in self._pending if not h.done()]
+        return bool(self._pending)
+
+    # -- collectives ------------------------------------------------------------------
     def allreduce_async(self, tensor: torch.Tensor, op: str = "sum",
                         name: str | None = None) -> AsyncHandle:
-        """Start an allreduce of a small integer CPU tensor; ``op`` is sum, min or max."""
+        """Start an allreduce of a small integer CPU tensor; ``op`` is sum, min or max.
+
+        Ops match across ranks by their order (under Horovod too: each op is named by the
+        backend's own sequence), so every rank must issue the library's collectives in the
+        same order; ``name`` is a label for errors only."""
+        self._check(tensor, op)
+        self._guard(f"allreduce {name or ''}".strip())
+        return self._allreduce(tensor, op)
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None,
-                  timeout: float | None = None) -> torch.Tensor:
+                  timeout: float | None = _FOREVER) -> torch.Tensor:
         """Blocking allreduce; see `allreduce_async()`."""
-        return self.allreduce_async(tensor, op, name).wait(timeout)
+        result: torch.Tensor = self.allreduce_async(tensor, op, name).wait(
+            timeout, what=f"allreduce {name or ''}".strip())
+        return result
+
+    def broadcast_object(self, obj: Any, root: int = 0, *,
+                         timeout: float | None = DEFAULT_TIMEOUT,
+                         what: str = "an object broadcast") -> Any:
+        """Return rank ``root``'s ``obj`` on every rank (picklable objects), waiting at most
+        ``timeout`` s (``HOROVOD_ITER_TIMEOUT``, 300 s, by default; ``None``: no limit)."""
+        if not 0 <= root < self.size:
+            raise ValueError(f"root must be in [0, {self.size}), got {root}")
+        self._guard(what)
+        payload = dumps(obj) if self.rank == root else b""
+        data = self._broadcast_bytes(payload, root).wait(timeout, what)
+        return pickle.loads(data)
+
+    def allgather_object(self, obj: Any, *, timeout: float | None = DEFAULT_TIMEOUT,
+                         what: str = "an object gather") -> list[Any]:
+        """Return every rank's ``obj``, indexed by rank, waiting at most ``timeout`` s
+        (``HOROVOD_ITER_TIMEOUT``, 300 s, by default; ``None``: no limit)."""
+        self._guard(what)
+        parts = self._allgather_bytes(dumps(obj)).wait(timeout, what)
+        return [pickle.loads(p) for p in parts]
+
+    def barrier(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        """Block until every rank arrives (at most ``timeout`` s)."""
+        self.allreduce_async(torch.zeros(1, dtype=torch.int32), name="barrier").wait(
+            timeout, what="a barrier")
 
     @abstractmethod
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        """Return rank ``root``'s ``obj`` on every rank (picklable objects)."""
+    def _allreduce(self, tensor: torch.Tensor, op: str) -> AsyncHandle:
+        """Start the allreduce (arguments checked)."""
 
     @abstractmethod
-    def allgather_object(self, obj: Any) -> list[Any]:
-        """Return every rank's ``obj``, indexed by rank."""
+    def _broadcast_bytes(self, payload: bytes, root: int) -> AsyncHandle:
+        """Start broadcasting ``payload`` from ``root``; the handle's result is the bytes."""
 
     @abstractmethod
-    def barrier(self) -> None:
-        """Block until every rank arrives."""
+    def _allgather_bytes(self, payload: bytes) -> AsyncHandle:
+        """Start gathering every rank's ``payload``; the result is a list of bytes by rank."""
 
-    def on_world_change(self) -> None:  # noqa: B027 - optional hook
-        """The set of ranks changed (Horovod elastic): reset per-world bookkeeping."""
+    def on_world_change(self) -> None:
+        """The set of ranks changed (Horovod elastic): reset per-world bookkeeping; the
+        failure that caused the change is over."""
+        self._failure = None
+        self._pending = []
 
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        """Release what this backend created (process groups, Horovod if we initialised it)."""
+    def close(self) -> None:
+        """Release what this backend created (process groups, Horovod if we initialised it);
+        after a failure, abandon them instead (see `abandon_at_exit`)."""
+        self._closed = True
+
+    def abandon_at_exit(self) -> None:
+        """The process is ending with the ranks out of step: leave every group as it is
+        (never join a thread that waits on a dead rank)."""
+        self._closed = True
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} rank={self.rank} size={self.size}>"
@@ -163,21 +332,14 @@ class LocalBackend(Backend):
     local_rank = 0
     local_size = 1
 
-    def allreduce_async(self, tensor: torch.Tensor, op: str = "sum",
-                        name: str | None = None) -> AsyncHandle:
-        self._check(tensor, op)
+    def _allreduce(self, tensor: torch.Tensor, op: str) -> AsyncHandle:
         return _DoneHandle(tensor.clone())
 
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        if root != 0:
-            raise ValueError(f"root must be in [0, 1) with the local backend, got {root}")
-        return obj
+    def _broadcast_bytes(self, payload: bytes, root: int) -> AsyncHandle:
+        return _DoneHandle(payload)
 
-    def allgather_object(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def barrier(self) -> None:
-        return None
+    def _allgather_bytes(self, payload: bytes) -> AsyncHandle:
+        return _DoneHandle([payload])
 
 
 _lock = threading.RLock()
@@ -282,12 +444,16 @@ def get_backend() -> Backend:
 
 
 def shutdown() -> None:
-    """Release the backend's resources; a later `init()` starts afresh."""
+    """Release the backend's resources; a later `init()` starts afresh. Loaders built on
+    the old backend raise `BackendError` when iterated."""
     global _backend
     with _lock:
         if _backend is not None:
             try:
-                _backend.close()
+                if _backend.failed is not None or _backend.pending():
+                    _backend.abandon_at_exit()
+                else:
+                    _backend.close()
             finally:
                 _backend = None
 
@@ -304,6 +470,32 @@ def _at_exit() -> None:
     global _exiting
     _exiting = True
     shutdown()
+
+
+def exit_now_if_failed() -> None:
+    """An exit handler registered ahead of Horovod's: if the backend failed and the process
+    is ending on an uncaught exception, flush the output and end with ``os._exit`` - Horovod's
+    shutdown and its C++ destructors would otherwise join a thread that waits on the dead
+    rank (``HOROVOD_GLOO_TIMEOUT_SECONDS``). A process that caught our error and ends
+    normally keeps its exit status and Horovod's own shutdown."""
+    b = _backend
+    if b is None or b.failed is None:
+        return
+    uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if uncaught is None:
+        return
+    code = 130 if isinstance(uncaught, KeyboardInterrupt) else 1
+    global _exiting
+    _exiting = True
+    try:
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
 
 
 atexit.register(_at_exit)

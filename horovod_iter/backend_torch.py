@@ -9,17 +9,17 @@ if the trainer has not done it, and ours is made with ``new_group``.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
-import pickle
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from .backend import AsyncHandle, Backend, poll_until, timeout_error
-from .errors import BackendError, RankFailureError
+from .backend import AsyncHandle, Backend
+from .errors import BackendError
 
 __all__ = ["TorchBackend"]
 
@@ -28,28 +28,45 @@ _PREFIX = "horovod_iter/"
 
 
 class _TorchHandle(AsyncHandle):
-    def __init__(self, backend: TorchBackend, work: Any, tensor: torch.Tensor) -> None:
-        self._backend = backend
+    """One or more gloo works in sequence; ``then`` maps the last result to the value."""
+
+    def __init__(self, backend: TorchBackend, work: Any, result: Any,
+                 then: Callable[[Any], Any] | None = None) -> None:
+        super().__init__(backend)
         self._work = work
-        self._tensor = tensor
-        self._finished = False
+        self._result = result
+        self._then = then
 
-    def done(self) -> bool:
-        return self._finished or bool(self._work.is_completed())
+    def _ready(self) -> bool:
+        return bool(self._work.is_completed())
 
-    def wait(self, timeout: float | None = None, what: str = "an allreduce") -> torch.Tensor:
-        if not self._finished:
-            if timeout is not None and not poll_until(self._work.is_completed, timeout):
-                raise timeout_error(self._backend, what, timeout)
-            try:
-                self._work.wait()
-            except RuntimeError as e:
-                raise RankFailureError(
-                    f"rank {self._backend.rank} of {self._backend.size} (torch backend): "
-                    f"{what} failed, most likely because another rank died: {e}"
-                ) from e
-            self._finished = True
-        return self._tensor
+    def _collect(self) -> Any:
+        self._work.wait()
+        return self._then(self._result) if self._then is not None else self._result
+
+
+class _ChainHandle(AsyncHandle):
+    """A size exchange, then the payload exchange it sizes (object collectives)."""
+
+    def __init__(self, backend: TorchBackend, first: _TorchHandle,
+                 second: Callable[[Any], _TorchHandle]) -> None:
+        super().__init__(backend)
+        self._first: _TorchHandle | None = first
+        self._make_second = second
+        self._second: _TorchHandle | None = None
+
+    def _ready(self) -> bool:
+        if self._second is None:
+            assert self._first is not None
+            if not self._first._ready():
+                return False
+            self._second = self._make_second(self._first._collect())
+            self._first = None
+        return self._second._ready()
+
+    def _collect(self) -> Any:
+        assert self._second is not None
+        return self._second._collect()
 
 
 class TorchBackend(Backend):
@@ -58,6 +75,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self) -> None:
+        super().__init__()
         if not dist.is_available():  # pragma: no cover - depends on the torch build
             raise BackendError("backend 'torch' needs a torch build with torch.distributed")
         self._we_initialised = False
@@ -116,51 +134,61 @@ class TorchBackend(Backend):
     def local_size(self) -> int:
         return self._local_facts()[1]
 
-    def allreduce_async(self, tensor: torch.Tensor, op: str = "sum",
-                        name: str | None = None) -> AsyncHandle:
-        self._check(tensor, op)
+    def _allreduce(self, tensor: torch.Tensor, op: str) -> AsyncHandle:
         opts = dist.AllreduceOptions()
         ops: dict[str, Any] = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                                "max": dist.ReduceOp.MAX}
         opts.reduceOp = ops[op]
         out = tensor.clone()
-        work = self._group.allreduce([out], opts)
-        return _TorchHandle(self, work, out)
+        return _TorchHandle(self, self._group.allreduce([out], opts), out)
 
-    def _broadcast(self, t: torch.Tensor, root: int) -> torch.Tensor:
+    def _broadcast(self, t: torch.Tensor, root: int) -> _TorchHandle:
         opts = dist.BroadcastOptions()
         opts.rootRank = root
-        self._group.broadcast([t], opts).wait()
-        return t
+        return _TorchHandle(self, self._group.broadcast([t], opts), t)
 
-    def _allgather(self, t: torch.Tensor) -> list[torch.Tensor]:
+    def _allgather(self, t: torch.Tensor) -> _TorchHandle:
         out = [torch.empty_like(t) for _ in range(self._size)]
-        self._group.allgather([out], [t]).wait()
-        return out
+        return _TorchHandle(self, self._group.allgather([out], [t]), out)
 
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        payload = pickle.dumps(obj) if self._rank == root else b""
-        size = self._broadcast(torch.tensor([len(payload)], dtype=torch.int64), root)
-        buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload
-               else torch.empty(int(size), dtype=torch.uint8))
-        return pickle.loads(self._broadcast(buf, root).numpy().tobytes())
+    def _broadcast_bytes(self, payload: bytes, root: int) -> AsyncHandle:
+        def data(size: torch.Tensor) -> _TorchHandle:
+            buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self._rank == root
+                   else torch.empty(int(size[0]), dtype=torch.uint8))
+            handle = self._broadcast(buf, root)
+            handle._then = lambda t: t.numpy().tobytes()
+            return handle
 
-    def allgather_object(self, obj: Any) -> list[Any]:
-        payload = pickle.dumps(obj)
-        sizes = [int(s) for s in self._allgather(torch.tensor([len(payload)],
-                                                              dtype=torch.int64))]
-        buf = torch.zeros(max(sizes), dtype=torch.uint8)
-        buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        return [pickle.loads(t[:n].numpy().tobytes())
-                for t, n in zip(self._allgather(buf), sizes)]
+        return _ChainHandle(self, self._broadcast(
+            torch.tensor([len(payload)], dtype=torch.int64), root), data)
 
-    def barrier(self) -> None:
-        self.allreduce(torch.zeros(1, dtype=torch.int32))
+    def _allgather_bytes(self, payload: bytes) -> AsyncHandle:
+        def data(sizes: list[torch.Tensor]) -> _TorchHandle:
+            n = [int(s[0]) for s in sizes]
+            buf = torch.zeros(max(n), dtype=torch.uint8)
+            if payload:
+                buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            handle = self._allgather(buf)
+            handle._then = lambda parts: [t[:k].numpy().tobytes() for t, k in zip(parts, n)]
+            return handle
+
+        return _ChainHandle(self, self._allgather(
+            torch.tensor([len(payload)], dtype=torch.int64)), data)
 
     def close(self) -> None:
+        super().close()
         group, self._group = self._group, None
         if group is not None and not self._standalone_group and dist.is_initialized():
             dist.destroy_process_group(group)
         if self._we_initialised and dist.is_initialized():
             dist.destroy_process_group()
             self._we_initialised = False
+
+    def abandon_at_exit(self) -> None:
+        """Keep our gloo group alive for good: its destructor would join worker threads that
+        wait on a dead rank for the group timeout (gloo's ``abort()`` does not interrupt
+        them). The process ends with the threads blocked, which is harmless."""
+        super().abandon_at_exit()
+        group, self._group = self._group, None
+        if group is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))

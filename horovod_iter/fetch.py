@@ -17,7 +17,10 @@ own batch count (``None`` when unknown) and ``close()``:
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
+import signal
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,7 +32,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ._tree import ErrorBox
 from .backend import get_backend
-from .errors import SampleError
+from .errors import DataTimeoutError, SampleError
 from .gather import BatchFetcher
 from .plan import EpochPlan, steps_for
 
@@ -77,6 +80,8 @@ class FetchOptions:
     pin: bool = False
     rank: int = 0
     persistent_workers: bool = False
+    #: seconds to wait for a batch from a DataLoader worker (the loader's ``timeout``)
+    timeout: float | None = None
 
 
 class HostSource(Iterator[Any]):
@@ -230,6 +235,7 @@ class _WorkerSource(HostSource):
     def __init__(self, dl: DataLoader[Any], count: int | None, rank: int, skip: int = 0,
                  tagged: bool = False) -> None:
         self._persistent = dl.persistent_workers
+        self._timeout = dl.timeout
         self._it: Any = iter(dl)
         self.num_batches = count
         self._rank = rank
@@ -253,8 +259,7 @@ class _WorkerSource(HostSource):
             raise
         except Exception as e:
             self.close()
-            raise SampleError(f"rank {self._rank}: the dataset raised at step {self._step} of "
-                              f"this pass: {type(e).__name__}: {e}") from e
+            raise self._error(e) from e
         if isinstance(batch, ErrorBox):
             self.close()
             batch.reraise()
@@ -264,11 +269,57 @@ class _WorkerSource(HostSource):
             self.positions.append(position)  # type: ignore[union-attr]
         return batch
 
+    def _error(self, e: Exception) -> Exception:
+        """Our error for what came out of torch's DataLoader at this step."""
+        text = str(e)
+        where = f"rank {self._rank}, step {self._step} of this pass"
+        if isinstance(e, RuntimeError) and "DataLoader timed out" in text:
+            return DataTimeoutError(
+                f"{where}: no batch from this rank's DataLoader workers within "
+                f"{self._timeout} s (the loader's timeout): a worker is stuck in the dataset's "
+                "code or deadlocked (e.g. at fork, by a lock another thread held); test with "
+                "num_workers=0, or raise `timeout` if a batch is just slow")
+        if isinstance(e, RuntimeError) and "DataLoader worker" in text and (
+                "exited unexpectedly" in text or "killed by signal" in text):
+            return SampleError(f"{where}: a DataLoader worker of this rank died: {text}")
+        return SampleError(f"{where}: the dataset raised: {type(e).__name__}: {e}")
+
     def close(self) -> None:
         it, self._it = self._it, None
         shutdown = getattr(it, "_shutdown_workers", None)
         if callable(shutdown) and not self._persistent:  # persistent: the loader's to stop
             shutdown()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+class _WorkerInit:
+    """Runs first in each DataLoader worker of ours: the worker dies with its rank (Linux's
+    parent-death signal), so a rank killed or ended by its launcher leaves no worker behind
+    to hold the launcher's output open; then the user's ``worker_init_fn``."""
+
+    def __init__(self, user: Callable[[int], None] | None) -> None:
+        self.user = user
+
+    def __call__(self, worker_id: int) -> None:
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            except (OSError, AttributeError):  # no prctl: torch's own watchdog remains
+                pass
+        if self.user is not None:
+            self.user(worker_id)
+
+
+def _loader_kwargs(opts: FetchOptions) -> dict[str, Any]:
+    """DataLoader arguments shared by both worker paths."""
+    workers = opts.num_workers
+    return dict(num_workers=workers, pin_memory=opts.pin,
+                worker_init_fn=_WorkerInit(opts.worker_init_fn) if workers else
+                opts.worker_init_fn,
+                timeout=float(opts.timeout) if workers and opts.timeout else 0)
 
 
 def host_batches(dataset: Any, opts: FetchOptions, *,
@@ -288,15 +339,13 @@ def host_batches(dataset: Any, opts: FetchOptions, *,
         if dl is None:
             fetcher = BatchFetcher(dataset, opts.collate_fn, False, opts.rank, threads=1)
             dl = DataLoader(_FetchedBatches(fetcher), batch_size=None, sampler=_Keys(arrays),
-                            num_workers=opts.num_workers, collate_fn=_whole_batch,
-                            pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn,
-                            persistent_workers=opts.persistent_workers)
+                            collate_fn=_whole_batch, persistent_workers=opts.persistent_workers,
+                            **_loader_kwargs(opts))
             if workers is not None and opts.persistent_workers:
                 workers.clear()  # another rank or layout: the old workers go
                 workers[key] = dl
         dl.sampler.arrays = arrays  # type: ignore[attr-defined]
         return _WorkerSource(dl, count, opts.rank)
     batches = DataLoader(_IterableBatches(dataset, opts, resume), batch_size=None,
-                         num_workers=opts.num_workers, collate_fn=_whole_batch,
-                         pin_memory=opts.pin, worker_init_fn=opts.worker_init_fn)
+                         collate_fn=_whole_batch, **_loader_kwargs(opts))
     return _WorkerSource(batches, None, opts.rank, skip, tagged=True)

@@ -1,12 +1,12 @@
 """DistributedIterator: one pass of a `DistributedLoader`, composing
 ``HostSource -> EndOfDataSync -> CudaPrefetcher`` and counting what it hands to the user.
 
-Shutdown: ``close()`` (also by ``with``, a finished loop, or the next ``iter(loader)``) waits
-briefly for the end-of-data allreduces in flight, so no collective is left half-issued, and
-stops DataLoader workers. ``__del__`` only drops things: garbage collection can run on any
-thread at any time, including in a collective, so it never waits on other ranks or joins a
-thread (torch guards its DataLoader iterators the same way), and does nothing at all once the
-interpreter is exiting.
+Shutdown: ``close()`` (also by ``with``, a finished loop, or the next ``iter(loader)``) stops
+DataLoader workers and hands the end-of-data messages in flight to the backend without waiting
+(they complete by themselves where every rank issued them). ``__del__`` only drops things:
+garbage collection can run on any thread at any time, including in a collective, so it never
+waits on other ranks or joins a thread (torch guards its DataLoader iterators the same way),
+and does nothing at all once the interpreter is exiting.
 """
 from __future__ import annotations
 
@@ -164,23 +164,24 @@ class DistributedIterator:
         }
 
     def close(self) -> None:
-        """Release workers, pinned buffers and streams; wait briefly for the end-of-data
-        allreduces in flight (every rank that stopped at the same step issued them).
+        """Release workers, pinned buffers and streams; never waits on other ranks.
         Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            stats = self.stats()
-            self._loader._ended(self)
-            self._progress.close(stats)
-            if self._loader.log_stats:
-                log.debug("rank %d, epoch %d: %s", self._loader.backend.rank, self._pass.epoch,
-                          format_stats(stats))
             self._prefetcher.close()
-            self._sync.close()
         finally:
-            self._source.close()
+            try:
+                self._sync.close()
+            finally:
+                self._source.close()
+        stats = self.stats()
+        self._loader._ended(self)
+        self._progress.close(stats)
+        if self._loader.log_stats and log.isEnabledFor(logging.DEBUG):
+            log.debug("rank %d, epoch %d: %s", self._loader.backend.rank, self._pass.epoch,
+                      format_stats(stats))
 
     def abandon(self) -> None:
         """Close without waiting for the collectives in flight (their world is gone)."""

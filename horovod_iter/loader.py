@@ -303,7 +303,7 @@ class DistributedLoader:
         bs = self.batch_size
         opts = FetchOptions(bs, self.drop_last, self.num_workers, self.collate_fn,
                             self.worker_init_fn, self.pin_memory, self.backend.rank,
-                            self.persistent_workers)
+                            self.persistent_workers, self.timeout)
         own = self._own_sampler()
         pass_ = Pass(self.epoch, bs, self.backend.size,
                      steps=resume.steps if resume else 0,

@@ -28,7 +28,10 @@ run out at different steps are resolved by ``uneven``:
 * ``"error"``: every rank raises `UnevenDataError`.
 
 Every decision is a function of the step and of messages all ranks have completed, so every
-rank issues the same messages in the same order; ``close()`` waits for those in flight.
+rank issues the same messages in the same order. ``close()`` never waits: a message in flight
+completes by itself where every rank issued it, and pairs with (and trips) the next message of
+a rank that did not. Every wait is bounded by ``timeout``; a failed, timed-out or mismatched
+message marks the backend failed (the exit path then abandons the group).
 """
 from __future__ import annotations
 
@@ -55,17 +58,18 @@ log = logging.getLogger("horovod_iter")
 Uneven = Literal["stop", "pad", "error"]
 UNEVEN: tuple[Uneven, ...] = ("stop", "pad", "error")
 INF = 1 << 62
-_CONFIG, _FLAGS, _END, _STATE = 1, 2, 3, 4
+_CONFIG, _FLAGS, _END, _STATE, _TEMPLATE = 1, 2, 3, 4, 5
 _KINDS = {_CONFIG: "the configuration check", _FLAGS: "a heartbeat", _END: "the end of data",
-          _STATE: "state_dict()"}
+          _STATE: "state_dict()", _TEMPLATE: "the padding template exchange"}
 # message layout: (x, -x) header pairs, then data fields reduced with min
 _KIND, _SERIAL, _STEP, _HASH = 0, 2, 4, 6
 _KNOWN, _END_AT, _EVERY, _FAILED_AT = 8, 10, 12, 13
 _FIELDS = 14
 _BUDGET_BYTES = 256 << 20   # host memory the iterable look-ahead may hold
 _MAX_EVERY = 64             # iterables: steps between reports (the look-ahead is twice that)
-_MIN_BEAT, _MAX_BEAT = 64, 1024  # map-style: steps between heartbeats
-_BEAT_S = 0.1               # map-style: aim for a heartbeat every this many seconds
+_MIN_BEAT, _MAX_BEAT = 1, 1024  # map-style: steps between heartbeats
+_FIRST_BEAT = 8             # before the step rate is known
+_BEAT_S = 0.1               # aim for a message about every this many seconds
 
 
 class MessageCounter(Iterator[int]):
@@ -86,7 +90,7 @@ def agree_on_state(backend: Backend, *, name: str, ops: Iterator[int], serial: i
     (``if rank == 0: loader.state_dict()``) meets the others' next message instead - a
     mismatched header, an error on every rank in it - or nobody, and times out; it never
     waits forever in the gather that follows."""
-    msg = [_STATE, -_STATE, serial, -serial, step, -step, 0, 0, 0, 0, INF, -INF, _MIN_BEAT, INF]
+    msg = [_STATE, -_STATE, serial, -serial, step, -step, 0, 0, 0, 0, INF, -INF, _MAX_BEAT, INF]
     res = backend.allreduce_async(torch.tensor(msg, dtype=torch.int64), "min",
                                   name=f"{name}.{next(ops)}").wait(
         timeout, what=f"the other ranks at state_dict() (pass {serial}, step {step}); "
@@ -160,7 +164,7 @@ class EndOfDataSync(Iterator[Any]):
         self._first_end = INF     # some rank has no data from this step on
         self._last_end = INF      # every rank's data ended by this step (INF: not known)
         self._first_failed = INF  # some rank's data raised at this step
-        self._every = every if num_batches is not None else 4
+        self._every = min(every, _FIRST_BEAT)
         self._beat_t, self._beat_step = time.perf_counter(), 0
         self._next_issue = 0
         self._template_shared = False
@@ -196,20 +200,22 @@ class EndOfDataSync(Iterator[Any]):
             self._pulled += 1
 
     def _proposal(self) -> int:
-        """Steps between messages this rank proposes (the ranks take the smallest). Issuing a
-        collective costs far more than a step's bookkeeping (~1 ms on a busy host), so:
-        map-style data, a heartbeat about every 0.1 s of steps (64 to 1024 steps); iterable
-        data, as many steps as the look-ahead's memory budget allows, up to 64 (the
-        look-ahead, two periods, also hides the collective's latency)."""
+        """Steps between messages this rank proposes (the ranks take the smallest): about
+        every 0.1 s of steps, so that a stalled rank is noticed within ``timeout`` plus two
+        periods whatever the step time (a message per step when steps are slower than 0.1 s;
+        issuing a collective costs ~1 ms on a busy host, so fast steps send one per up to
+        1024 steps). Iterable data also keeps the look-ahead (two periods) within its memory
+        budget, and at most 64 steps."""
+        now, steps = time.perf_counter(), self._step - self._beat_step
+        beat = (int(steps / (now - self._beat_t) * _BEAT_S) if steps and now > self._beat_t
+                else _FIRST_BEAT)
+        self._beat_t, self._beat_step = now, self._step
         if self.num_batches is not None:
-            now, steps = time.perf_counter(), self._step - self._beat_step
-            beat = (int(steps / (now - self._beat_t) * _BEAT_S) if steps and now > self._beat_t
-                    else _MIN_BEAT)
-            self._beat_t, self._beat_step = now, self._step
             return max(_MIN_BEAT, min(_MAX_BEAT, beat))
-        if not self._batch_bytes:
-            return _MAX_EVERY
-        return max(1, min(_MAX_EVERY, _BUDGET_BYTES // (2 * self._batch_bytes)))
+        cap = _MAX_EVERY
+        if self._batch_bytes:
+            cap = min(cap, _BUDGET_BYTES // (2 * self._batch_bytes))
+        return max(1, min(cap, beat))
 
     def _issue(self, kind: int) -> None:
         step = self._step
@@ -225,7 +231,7 @@ class EndOfDataSync(Iterator[Any]):
             handle = self.backend.allreduce_async(torch.tensor(msg, dtype=torch.int64), "min",
                                                   name=name)
         except RankFailureError as e:  # a rank died: say where we were
-            self._finish()
+            self.abandon()
             e.args = (f"{e} (while sending {_KINDS[kind]} of step {step})",)
             raise
         self._inflight.append((kind, step, handle))
@@ -239,19 +245,21 @@ class EndOfDataSync(Iterator[Any]):
                               f"{step} (pass {self.serial}; this rank is at step "
                               f"{self._step})").tolist()
         except RankFailureError:
-            self._finish()
+            self.abandon()  # the world is gone: nothing in flight will complete
             raise
         finally:
             self.wait_s += time.perf_counter() - t0
         for field, what in ((_KIND, "kind"), (_SERIAL, "pass"), (_STEP, "step")):
             if res[field] != -res[field + 1]:
-                self._finish()
-                raise ConfigMismatchError(
+                self.abandon()
+                error = ConfigMismatchError(
                     f"rank {self.backend.rank}: the ranks are not iterating this loader alike "
                     f"(at {_KINDS[kind]} of pass {self.serial}, step {step}, the ranks' {what} "
                     f"ranges over {res[field]}..{-res[field + 1]}): iterate the loader on every "
                     "rank, the same number of times (not, e.g., `if rank == 0: "
                     "next(iter(loader))`), and break out of it at the same step everywhere")
+                self.backend.fail(str(error))  # the ranks' collectives are out of step
+                raise error
         if res[_HASH] != -res[_HASH + 1]:
             self._finish()
             self._explain_config()
@@ -266,7 +274,9 @@ class EndOfDataSync(Iterator[Any]):
     def _explain_config(self) -> None:
         """Every rank saw the mismatch in the same message: gather the configs and say
         exactly which field differs where."""
-        configs = self.backend.allgather_object(dict(self._config or {}))
+        configs = self.backend.allgather_object(
+            dict(self._config or {}), timeout=self.timeout,
+            what=f"the configurations of the other ranks (pass {self.serial})")
         diffs = []
         for key in sorted({k for c in configs for k in c}):
             values = [c.get(key) for c in configs]
@@ -383,10 +393,24 @@ class EndOfDataSync(Iterator[Any]):
 
     def _share_template(self) -> None:
         """A rank that never had a batch learns the batch structure from one that had: an
-        empty batch of theirs, gathered (one collective, all ranks, first padded step)."""
+        empty batch of theirs, gathered (all ranks, first padded step). A message of the
+        sequence goes first, so a rank that is elsewhere (one pass ahead, say) meets it, and
+        every rank in it raises, instead of pairing an object gather with an allreduce."""
         self._template_shared = True
+        while self._inflight:
+            self._wait_oldest()
+        self._issue(_TEMPLATE)
+        self._wait_oldest()
         mine = None if self._template is None else empty_like(self._template)
-        shared = next((t for t in self.backend.allgather_object(mine) if t is not None), None)
+        try:
+            gathered = self.backend.allgather_object(
+                mine, timeout=self.timeout,
+                what=f"the padding template of the other ranks (pass {self.serial}, step "
+                     f"{self._step})")
+        except RankFailureError:
+            self.abandon()
+            raise
+        shared = next((t for t in gathered if t is not None), None)
         if self._template is None:
             self._template = shared
 
@@ -410,14 +434,12 @@ class EndOfDataSync(Iterator[Any]):
         self._finish()
         self._inflight.clear()
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Stop; wait (briefly) for the messages in flight so no collective is abandoned:
-        every rank that stopped at the same step issued the same ones."""
+    def close(self) -> None:
+        """Stop without waiting: the messages in flight complete by themselves where every
+        rank issued them (ranks that stopped at the same step did); where one did not, the
+        next message pairs with them and says so. The backend keeps them, so that the exit
+        path knows of any that never complete."""
         self._finish()
         inflight, self._inflight = self._inflight, collections.deque()
-        for _, _, handle in inflight:
-            try:
-                handle.wait(timeout, what="an end-of-data message in flight at close()")
-            except Exception as e:  # the other ranks stopped at another step
-                log.warning("rank %d: %s", self.backend.rank, e)
-                break
+        if inflight:
+            self.backend.adopt(h for _, _, h in inflight)
