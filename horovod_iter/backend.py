@@ -229,13 +229,27 @@ class Backend(ABC):
         """Take collectives that nobody will wait for (a pass closed early): they complete
         by themselves when every rank issued them; the exit path needs to know of those
         that never do."""
-        self._pending = [h for h in self._pending if not h.done()]
+        self._prune()
         self._pending.extend(handles)
 
     def pending(self) -> bool:
         """True if a collective of ours is still in flight (never completed)."""
-        self._pending = [h for h in self._pending if not h.done()]
+        self._prune()
         return bool(self._pending)
+
+    def _prune(self) -> None:
+        """Collect the adopted collectives that completed (Horovod keeps a handle until it
+        is synchronised); one that failed marks the backend failed."""
+        keep = []
+        for h in self._pending:
+            if not h.done():
+                keep.append(h)
+                continue
+            try:
+                h.wait(0.0, what="a message in flight when its pass was closed")
+            except HorovodIterError:
+                pass  # recorded by fail()
+        self._pending = keep
 
     # -- collectives ------------------------------------------------------------------
     def allreduce_async(self, tensor: torch.Tensor, op: str = "sum",

@@ -16,7 +16,7 @@ Map-style data knows its batch count up front: the first message (sent at ``iter
 configuration check) decides the whole pass. Iterable data pulls batches ahead (two periods,
 so the collective's latency is hidden) and reports them every ``every`` steps: up to 64, as
 many as a 256 MB look-ahead holds, the smallest proposal of the ranks. Either way a message
-goes as a heartbeat (map-style: about every 0.1 s, 64 to 1024 steps; at most two in flight),
+goes as a heartbeat (map-style: about every 0.1 s, 1 to 1024 steps; at most two in flight),
 and every pass ends with an
 ``END`` message that confirms all ranks ended at the same step - so a rank that stalls or dies
 is noticed within ``timeout``, also in an epoch shorter than the heartbeat period. Ranks that

@@ -38,6 +38,9 @@ if cfg.get("isolate") and not faulty:
 def dataset_fault() -> None:
     """Inside the dataset (main process or a DataLoader worker) of the faulty rank."""
     if faulty and ARMED.exists():
+        fired = OUT / "fault.json"
+        if not fired.exists():  # the fault's time is when it fires, not when it was armed
+            fired.write_text(json.dumps({"t": time.time(), "rank": rank, "in_dataset": True}))
         if fault == "dataset_raise":
             raise KeyError("injected: corrupt record")
         if fault == "dataset_stall":
@@ -120,6 +123,9 @@ def ids_of(batch) -> list[int]:
 
 def inject(step: int) -> str | None:
     """Apply the fault on the faulty rank; returns 'leave'/'skip' for the loop to act on."""
+    if fault in ("dataset_raise", "dataset_stall"):
+        ARMED.write_text("1")
+        return None
     (OUT / "fault.json").write_text(json.dumps({"t": time.time(), "rank": rank, "step": step}))
     if fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -132,8 +138,6 @@ def inject(step: int) -> str | None:
     elif fault == "sigint":
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the KeyboardInterrupt arrives here
-    elif fault in ("dataset_raise", "dataset_stall"):
-        ARMED.write_text("1")
     elif fault == "worker_kill":
         children = multiprocessing.active_children()
         if children:

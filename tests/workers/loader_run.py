@@ -7,7 +7,9 @@ timeout, batch_size_by_rank (override per rank), mode ("next", "get_next", "opti
 kill (rank, step: that rank SIGKILLs itself there; the others ignore the launcher's SIGTERM so
 that they show their own error), peek_rank (that rank alone peeks a batch first), raise_at
 (rank, index: the iterable raises KeyError there), scalar_leaf (batches carry a 0-dim
-"ntok" tensor), device_transform ("double": x doubled by a device transform).
+"ntok" tensor), device_transform ("double": x doubled by a device transform), getitem_stall
+(rank, call, seconds: that rank's dataset sleeps in its call-th __getitem__), step_sleep
+(seconds of "compute" after each step).
 """
 import json
 import os
@@ -30,13 +32,20 @@ if kill and kill[0] != rank:
 
 
 class Ids(Dataset):
-    def __init__(self, n):
+    def __init__(self, n, getitem_stall=None):
         self.n = n
+        self.calls = 0
+        self.getitem_stall = getitem_stall
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
+        self.calls += 1
+        gs = self.getitem_stall
+        if gs and gs[0] == rank and gs[1] == self.calls:
+            out["t_stall"] = time.time()
+            time.sleep(gs[2])
         return {"id": torch.tensor(i), "x": torch.full((3,), float(i))}
 
 
@@ -66,8 +75,9 @@ def double(batch):
     return {**batch, "x": batch["x"] * 2}
 
 
-ds = Ids(cfg["n"]) if cfg.get("data", "map") == "map" else PerRank(cfg["lengths"],
-                                                                    cfg.get("raise_at"))
+out = {}
+ds = Ids(cfg["n"], cfg.get("getitem_stall")) if cfg.get("data", "map") == "map" else PerRank(
+    cfg["lengths"], cfg.get("raise_at"))
 stall = cfg.get("stall")
 bs = cfg.get("batch_size_by_rank", {}).get(str(rank), cfg.get("batch_size"))
 kwargs = dict(uneven=cfg.get("uneven", "stop"), prefetch=cfg.get("prefetch", 2),
@@ -82,8 +92,8 @@ if cfg.get("scalar_leaf"):
     kwargs["collate_fn"] = with_ntok
 if cfg.get("device_transform") == "double":
     kwargs["device_transform"] = double
-out = {"rank": rank, "size": b.size, "local_size": b.local_size, "backend": b.name,
-       "batches": [], "error": None}
+out.update({"rank": rank, "size": b.size, "local_size": b.local_size, "backend": b.name,
+            "batches": [], "error": None})
 try:
     loader = hi.DistributedLoader(ds, **kwargs)
     if cfg.get("state_in"):
@@ -130,6 +140,8 @@ try:
             assert batch["ntok"].dim() == 0 and int(batch["ntok"]) == batch["id"].shape[0]
         out["batches"].append(batch["id"].tolist())
         step += 1
+        if cfg.get("step_sleep"):
+            time.sleep(cfg["step_sleep"])
     out["stats"] = loader.stats()
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
