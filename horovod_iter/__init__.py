@@ -6,6 +6,7 @@ Public API (everything else is private and may change):
 * ``DistributedLoader`` / ``DistributedIterator``: the input pipeline: sampler -> fetch ->
   allreduce-synchronised end of data -> CUDA-stream prefetch.
 * ``DistributedSampler``: disjoint epoch-seeded slices, O(1) memory, exact resume.
+* ``LengthGroupedBatchSampler``: distributed batches of similar lengths, resumable anywhere.
 * ``EpochPlan``: the pure layout of an epoch over the ranks.
 * ``CudaPrefetcher``: side-stream host->GPU prefetch around any iterable.
 * ``ShardedDataset``: streaming shards, each read once over the world, resumable on any world.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 
 from .backend import Backend, get_backend, init, shutdown
+from .batching import LengthGroupedBatchSampler
 from .errors import (
     BackendError,
     ConfigMismatchError,
@@ -29,6 +31,7 @@ from .errors import (
     OutOfRangeError,
     RankFailureError,
     SampleError,
+    ShardingError,
     UnevenDataError,
 )
 from .fetch import shard
@@ -52,10 +55,12 @@ __all__ = [
     "DistributedSampler",
     "EpochPlan",
     "HorovodIterError",
+    "LengthGroupedBatchSampler",
     "OutOfRangeError",
     "RankFailureError",
     "SampleError",
     "ShardedDataset",
+    "ShardingError",
     "UnevenDataError",
     "get_backend",
     "init",

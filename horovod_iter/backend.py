@@ -358,6 +358,7 @@ class LocalBackend(Backend):
 
 _lock = threading.RLock()
 _backend: Backend | None = None
+_provisional = False  # _backend is local by auto-detection
 _MODULES = {"horovod": ("backend_horovod", "HorovodBackend"),
             "torch": ("backend_torch", "TorchBackend")}
 
@@ -428,9 +429,13 @@ def init(backend: str | None = None) -> Backend:
         print(b.name, b.rank, b.size)
         ```
     """
-    global _backend
+    global _backend, _provisional
     wanted = _normalise(backend)
     with _lock:
+        if _backend is not None and _provisional and _detect() != "local":
+            _backend = None  # a launcher's environment appeared after a local auto-detection
+        if _backend is not None and _provisional and wanted not in (None, "local"):
+            _backend = None  # an explicit backend replaces an auto-detected local one
         if _backend is not None:
             if wanted is not None and wanted != _backend.name:
                 raise BackendError(
@@ -449,18 +454,31 @@ def init(backend: str | None = None) -> Backend:
             wanted = _normalise(env)
         name = wanted or _detect()
         _backend = _create(name)
+        _provisional = wanted is None and name == "local"
         return _backend
 
 
 def get_backend() -> Backend:
-    """The initialised backend, initialising it lazily (auto-detected) if needed."""
-    return _backend if _backend is not None else init()
+    """The initialised backend, initialising it lazily (auto-detected) if needed. A local
+    backend found by auto-detection is provisional: once a launcher's environment appears
+    (Lightning's launcher sets ``RANK`` inside ``trainer.fit()``, after the script built its
+    loaders), the next call detects the real one."""
+    if _backend is not None and not _provisional:
+        return _backend
+    return init()
+
+
+def is_provisional(backend: Backend) -> bool:
+    """True if ``backend`` is a local backend by auto-detection that a launcher's environment
+    would now replace (see `get_backend`)."""
+    return backend.name == "local" and (backend is not _backend or (
+        _provisional and _detect() != "local"))
 
 
 def shutdown() -> None:
     """Release the backend's resources; a later `init()` starts afresh. Loaders built on
     the old backend raise `BackendError` when iterated."""
-    global _backend
+    global _backend, _provisional
     with _lock:
         if _backend is not None:
             try:
@@ -470,6 +488,7 @@ def shutdown() -> None:
                     _backend.close()
             finally:
                 _backend = None
+                _provisional = False
 
 
 _exiting = False

@@ -10,6 +10,8 @@ and what to do about it. The hierarchy::
     ├── UnevenDataError         ranks' data ends at different steps with uneven="error"
     ├── ConfigMismatchError     ranks were configured (or iterated) differently
     ├── SampleError             reading or collating a sample failed (names rank and index)
+    ├── ShardingError           already-sharded data is being sharded again (a framework's
+    │                           distributed sampler around ours): each rank would see 1/W of its 1/W
     └── OutOfRangeError         ``get_next()`` at the end of data (TensorFlow's name)
 
 Under Horovod, a rank failure is raised as
@@ -26,6 +28,7 @@ __all__ = [
     "OutOfRangeError",
     "RankFailureError",
     "SampleError",
+    "ShardingError",
     "UnevenDataError",
 ]
 
@@ -58,6 +61,12 @@ class ConfigMismatchError(HorovodIterError, ValueError):
 class SampleError(HorovodIterError, RuntimeError):
     """Reading or collating samples failed; the message names the rank and the indices (or,
     for iterable data, the rank and the step)."""
+
+
+class ShardingError(HorovodIterError, ValueError):
+    """Data already split over the ranks by horovod_iter is being split again by another
+    distributed sampler (a framework's injection or a wrapper): every rank would see only
+    1/W of its own slice. Raised on every rank alike, naming the wrapper and the fix."""
 
 
 class OutOfRangeError(HorovodIterError):

@@ -82,6 +82,10 @@ class FetchOptions:
     persistent_workers: bool = False
     #: seconds to wait for a batch from a DataLoader worker (the loader's ``timeout``)
     timeout: float | None = None
+    multiprocessing_context: Any = None
+    generator: Any = None
+    prefetch_factor: int | None = None
+    in_order: bool = True
 
 
 class HostSource(Iterator[Any]):
@@ -316,10 +320,14 @@ class _WorkerInit:
 def _loader_kwargs(opts: FetchOptions) -> dict[str, Any]:
     """DataLoader arguments shared by both worker paths."""
     workers = opts.num_workers
+    extra: dict[str, Any] = {}
+    if workers:
+        extra = dict(multiprocessing_context=opts.multiprocessing_context,
+                     prefetch_factor=opts.prefetch_factor, in_order=opts.in_order)
     return dict(num_workers=workers, pin_memory=opts.pin,
                 worker_init_fn=_WorkerInit(opts.worker_init_fn) if workers else
-                opts.worker_init_fn,
-                timeout=float(opts.timeout) if workers and opts.timeout else 0)
+                opts.worker_init_fn, generator=opts.generator,
+                timeout=float(opts.timeout) if workers and opts.timeout else 0, **extra)
 
 
 def host_batches(dataset: Any, opts: FetchOptions, *,

@@ -20,13 +20,13 @@ import functools
 import itertools
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import IterableDataset, Sampler
 
-from .backend import Backend, get_backend, init
+from .backend import Backend, get_backend, init, is_provisional
 from .fetch import (
     FetchOptions,
     HostSource,
@@ -36,9 +36,24 @@ from .fetch import (
     sampler_batches,
 )
 from .iterator import DistributedIterator, Pass
-from .loader_config import check_arguments, check_even, loader_sampler, positive_int
+from .batching import LengthGroupedBatchSampler, RankBatches, batch_sampler_batches
+from .loader_config import (
+    UNSET as _UNSET,
+)
+from .loader_config import (
+    Unset as _Unset,
+)
+from .loader_config import (
+    check_arguments,
+    check_batch_sampler,
+    check_even,
+    check_worker_options,
+    loader_sampler,
+    positive_int,
+)
 from .loader_state import (
     BATCH,
+    BATCH_SAMPLER,
     DATASET,
     EPOCH,
     FINISHED,
@@ -118,25 +133,51 @@ class DistributedLoader:
         ```
     """
 
-    def __init__(self, dataset: Any, batch_size: int | None = None, *,
-                 global_batch_size: int | None = None, shuffle: bool = True,
-                 seed: int | None = 0, drop_last: bool = False,
-                 sampler: Sampler[Any] | None = None, num_workers: int = 0,
+    def __init__(self, dataset: Any, batch_size: int | None | _Unset = _UNSET,
+                 shuffle: bool | None = None, sampler: Sampler[Any] | None = None,
+                 batch_sampler: Sampler[list[int]] | Iterable[list[int]] | None = None,
+                 num_workers: int = 0,
                  collate_fn: Callable[[list[Any]], Any] | None = None,
-                 pin_memory: bool | None = None, device: Any = None, prefetch: int = 2,
-                 device_transform: Callable[[Any], Any] | None = None,
-                 uneven: Uneven = "stop", timeout: float | None = 300.0,
+                 pin_memory: bool | None = None, drop_last: bool = False,
+                 timeout: float | None = 300.0,
                  worker_init_fn: Callable[[int], None] | None = None,
-                 persistent_workers: bool = False,
-                 backend: Backend | str | None = None, progress: bool = False,
-                 log_stats: bool = True) -> None:
-        self.backend = backend if isinstance(backend, Backend) else (
+                 multiprocessing_context: Any = None, generator: torch.Generator | None = None,
+                 *, prefetch_factor: int | None = None, persistent_workers: bool = False,
+                 pin_memory_device: str = "", in_order: bool = True,
+                 global_batch_size: int | None = None, seed: int | None = 0,
+                 device: Any = None, prefetch: int = 2,
+                 device_transform: Callable[[Any], Any] | None = None,
+                 uneven: Uneven = "stop", backend: Backend | str | None = None,
+                 progress: bool = False, log_stats: bool = True) -> None:
+        self._backend_arg = backend
+        self._backend = backend if isinstance(backend, Backend) else (
             init(backend) if backend is not None else get_backend())
-        world = self.backend.size
-        if (batch_size is None) == (global_batch_size is None):
-            raise ValueError("pass exactly one of batch_size (per rank) and global_batch_size "
-                             f"(over all ranks); got batch_size={batch_size!r}, "
+        world = self._backend.size
+        if batch_sampler is not None:
+            # torch's rule: a batch sampler decides the batches alone
+            if not isinstance(batch_size, _Unset) and batch_size != 1 or shuffle or \
+                    sampler is not None or drop_last or global_batch_size is not None:
+                raise ValueError(
+                    "batch_sampler option is mutually exclusive with batch_size, "
+                    "global_batch_size, shuffle, sampler, and drop_last (torch's rule); got "
+                    f"batch_size={batch_size!r}, shuffle={shuffle!r}, sampler={sampler!r}, "
+                    f"drop_last={drop_last!r}")
+            batch_size = 1
+        if isinstance(batch_size, _Unset):
+            batch_size = None if global_batch_size is not None else 1  # torch's default
+        if batch_size is None and global_batch_size is None:
+            raise ValueError(
+                "batch_size=None (torch's 'no automatic batching') is not supported: the end "
+                "of data is agreed per batch; pass batch_size=1 and unwrap, or a "
+                "batch_sampler")
+        if batch_size is not None and global_batch_size is not None:
+            raise ValueError("pass one of batch_size (per rank) and global_batch_size "
+                             f"(over all ranks), not both; got batch_size={batch_size!r}, "
                              f"global_batch_size={global_batch_size!r}")
+        if shuffle is None:
+            shuffle = batch_sampler is None  # our sampler shuffles, as torch's distributed one
+        if timeout == 0 and not isinstance(timeout, bool):
+            timeout = None  # torch's 0: no limit
         self._global_size: int | None = None
         self._batch_size = 0
         if global_batch_size is not None:
@@ -144,6 +185,14 @@ class DistributedLoader:
             self._per_rank(world)
         else:
             self._batch_size = positive_int("batch_size", batch_size)
+        self.multiprocessing_context = multiprocessing_context
+        self.generator = generator
+        self.prefetch_factor = check_worker_options(
+            num_workers=num_workers, prefetch_factor=prefetch_factor, in_order=in_order,
+            pin_memory_device=pin_memory_device,
+            multiprocessing_context=multiprocessing_context)
+        self.in_order = in_order
+        self.pin_memory_device = pin_memory_device
         check_arguments(uneven=uneven, prefetch=prefetch, num_workers=num_workers,
                         timeout=timeout, drop_last=drop_last, progress=progress,
                         log_stats=log_stats, shuffle=shuffle,
@@ -161,9 +210,10 @@ class DistributedLoader:
         self.is_iterable = isinstance(dataset, IterableDataset)
         self.uneven: Uneven = uneven
         self.drop_last = bool(drop_last)
-        self.sampler = loader_sampler(dataset, sampler, self.backend, shuffle=shuffle,
-                                      seed=seed, drop_last=self.drop_last,
-                                      uneven=uneven)
+        self._batch_sampler = check_batch_sampler(batch_sampler, dataset, self.backend)
+        self.sampler = None if batch_sampler is not None else loader_sampler(
+            dataset, sampler, self.backend, shuffle=shuffle, seed=seed,
+            drop_last=self.drop_last, uneven=uneven)
         self.num_workers = int(num_workers)
         self.collate_fn = collate_fn
         self.worker_init_fn = worker_init_fn
@@ -187,6 +237,16 @@ class DistributedLoader:
         self._last_stats: dict[str, Any] = {}
 
     # -- facts ------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """The ranks this loader iterates over. Without an explicit ``backend=``, a local one
+        found before a launcher set up the ranks (a loader built before Lightning's
+        ``trainer.fit()``) is replaced by the real one at the next ``iter()``: the loader
+        then lays the epoch out over the real ranks instead of reading everything on each."""
+        if self._backend_arg is None and is_provisional(self._backend):
+            self._backend = get_backend()
+        return self._backend
+
     def _per_rank(self, world: int) -> int:
         g = self._global_size
         if g is None:
@@ -199,13 +259,31 @@ class DistributedLoader:
         return g // world
 
     @property
-    def batch_size(self) -> int:
-        """Samples per rank per step (``global_batch_size / W`` if that was given)."""
-        return self._per_rank(self.backend.size)
+    def _rank_batch(self) -> int:
+        """Samples per rank per step for our own batching (0 with a batch sampler)."""
+        return 0 if self._batch_sampler is not None else self._per_rank(self.backend.size)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Samples per rank per step (``global_batch_size / W`` if that was given); ``None``
+        with a ``batch_sampler``, as torch's DataLoader has it."""
+        return None if self._batch_sampler is not None else self._rank_batch
+
+    @property
+    def batch_sampler(self) -> Any:
+        """The batches of indices this rank reads (torch's attribute, which frameworks read:
+        Lightning checks it for shuffling, accelerate's ``skip_first_batches`` re-batches
+        from it): the given batch sampler, or one over this rank's slice of the current
+        epoch, from its beginning. ``None`` for iterable data."""
+        if self._batch_sampler is not None:
+            return self._batch_sampler
+        if self.sampler is None:
+            return None
+        return RankBatches(self, self._rank_batch)
 
     @property
     def global_batch_size(self) -> int:
-        return self.batch_size * self.backend.size
+        return self._rank_batch * self.backend.size
 
     @property
     def steps(self) -> int:
@@ -230,7 +308,13 @@ class DistributedLoader:
     def __len__(self) -> int:
         """Batches of a full pass of the current epoch on this rank (constant in the loop)."""
         b, own = self.backend, self._own_sampler()
-        bs = self.batch_size
+        bs = self._rank_batch
+        bsampler = self._batch_sampler
+        if isinstance(bsampler, LengthGroupedBatchSampler):
+            counts = bsampler.counts(0)
+            return min(counts) if self.uneven == "stop" else max(counts)
+        if bsampler is not None:
+            return len(bsampler)  # this rank's (a foreign batch sampler's others are unknown)
         if own is not None:
             plan = dataclasses.replace(own.plan(), world=b.size, rank=b.rank)
             counts = [steps_for(c, bs, self.drop_last) for c in plan.counts]
@@ -256,7 +340,8 @@ class DistributedLoader:
         self._propagate_epoch()
 
     def _propagate_epoch(self) -> None:
-        target: Any = self.sampler if self.sampler is not None else self.dataset
+        target: Any = self.sampler if self.sampler is not None else (
+            self._batch_sampler if self._batch_sampler is not None else self.dataset)
         if callable(getattr(target, "set_epoch", None)):
             target.set_epoch(self.epoch)
 
@@ -265,7 +350,9 @@ class DistributedLoader:
         own = self._own_sampler()
         return {
             "dataset": self._dataset_fingerprint(),
-            "batch_size": self.batch_size, "world_size": self.backend.size,
+            "batch_size": self._rank_batch, "world_size": self.backend.size,
+            "batch_sampler": None if self._batch_sampler is None else
+            type(self._batch_sampler).__qualname__,
             "uneven": self.uneven, "drop_last": self.drop_last, "epoch": self.epoch,
             "iteration": self._iterations,
             "sampler": None if own is None else own.state_dict(),
@@ -298,12 +385,19 @@ class DistributedLoader:
     def __iter__(self) -> DistributedIterator:
         self._follow_world()
         self._close_pass()
+        own = self._own_sampler()
+        followed = own if own is not None else self._batch_sampler
+        if isinstance(getattr(followed, "epoch", None), int) and followed.epoch != self.epoch:
+            # a framework set the epoch on loader.sampler (Lightning does): follow it
+            self.set_epoch(followed.epoch)
         self._propagate_epoch()
         resume, self._pending = self._pending, None
-        bs = self.batch_size
+        bs = self._rank_batch
         opts = FetchOptions(bs, self.drop_last, self.num_workers, self.collate_fn,
                             self.worker_init_fn, self.pin_memory, self.backend.rank,
-                            self.persistent_workers, self.timeout)
+                            self.persistent_workers, self.timeout,
+                            self.multiprocessing_context, self.generator, self.prefetch_factor,
+                            self.in_order)
         own = self._own_sampler()
         pass_ = Pass(self.epoch, bs, self.backend.size,
                      steps=resume.steps if resume else 0,
@@ -315,6 +409,10 @@ class DistributedLoader:
                 check_even(c.plan, c.slot, self.backend.rank)
             source = host_batches(self.dataset, opts, indices=plan_batches(
                 c.plan, c.slot, bs, self.drop_last), workers=self._workers)
+        elif self._batch_sampler is not None:
+            pass_.base = pass_.steps  # ours counts its position from the pass's start
+            source = host_batches(self.dataset, opts, indices=batch_sampler_batches(
+                self._batch_sampler, pass_.steps), workers=self._workers)
         elif self.sampler is not None:
             source = host_batches(self.dataset, opts, indices=sampler_batches(
                 self.sampler, pass_.samples, bs, self.drop_last), workers=self._workers)
@@ -382,15 +480,24 @@ class DistributedLoader:
             TYPE: STATE_TYPE, VERSION: STATE_VERSION, EPOCH: self.epoch,
             STEPS: p.steps if p else 0, SAMPLES: p.samples if p else 0,
             FINISHED: p.finished if p else False, WORLD: world,
-            BATCH: p.batch_size if isinstance(p, Pass) else self.batch_size,
+            BATCH: p.batch_size if isinstance(p, Pass) else self._rank_batch,
             GLOBAL_BATCH: self._global_size, UNEVEN_MODE: self.uneven,
             ITERATIONS: self._iterations, MESSAGES: self.messages.value,
             SAMPLER: None if own is None else own.state_dict(),
             DATASET: dataset,
+            BATCH_SAMPLER: self._batch_sampler_state(p),
         }
         if self.is_iterable and is_stateful(self.dataset):
             self._gathered = state
         return state
+
+    def _batch_sampler_state(self, p: Pass | Resume | None) -> Any:
+        bs = self._batch_sampler
+        if not isinstance(bs, LengthGroupedBatchSampler):
+            return None
+        if isinstance(p, Pass):
+            return bs.state_dict(steps=p.steps - (p.base or 0))
+        return bs.state_dict()
 
     def _dataset_state(self, p: Pass | Resume | None) -> Any:
         if not (self.is_iterable and is_stateful(self.dataset)):
@@ -423,6 +530,12 @@ class DistributedLoader:
             if (own.num_replicas, own.rank) != (b.size, b.rank):
                 own.set_world(b.size, b.rank)
             own.load_state_dict(s[SAMPLER])
+        elif isinstance(self._batch_sampler, LengthGroupedBatchSampler):
+            if not isinstance(s.get(BATCH_SAMPLER), Mapping):
+                raise ValueError("loader state has no batch sampler state; it was saved by a "
+                                 "loader without this LengthGroupedBatchSampler")
+            self._batch_sampler.set_world(b.size, b.rank)
+            self._batch_sampler.load_state_dict(s[BATCH_SAMPLER])
         elif self.is_iterable and is_stateful(self.dataset):
             pass  # the dataset's own state says where; checked below
         elif not same_world:
@@ -431,7 +544,8 @@ class DistributedLoader:
                 f"sampler or state (an IterableDataset without state_dict(), or a foreign "
                 f"sampler) it can only be resumed on {s[WORLD]} ranks, not {b.size}; use "
                 "horovod_iter.ShardedDataset or DistributedSampler to resume on any")
-        elif self.sampler is None and s[BATCH] != self.batch_size and s[STEPS]:
+        elif self.sampler is None and self._batch_sampler is None and \
+                s[BATCH] != self._rank_batch and s[STEPS]:
             raise ValueError(
                 f"loader state was saved with batch_size={s[BATCH]} (per rank) over an "
                 f"IterableDataset, which resumes by replaying whole batches; build the loader "

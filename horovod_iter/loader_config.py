@@ -8,12 +8,23 @@ from torch.utils.data import IterableDataset, Sampler
 from torch.utils.data.distributed import DistributedSampler as TorchDistributedSampler
 
 from .backend import Backend
-from .errors import UnevenDataError
+from .errors import ShardingError, UnevenDataError
 from .plan import EpochPlan
 from .sampler import DistributedSampler, is_int
 from .sync import UNEVEN
 
-__all__ = ["check_arguments", "check_even", "loader_sampler", "positive_int"]
+__all__ = ["UNSET", "Unset", "check_arguments", "check_batch_sampler", "check_even",
+           "check_worker_options", "loader_sampler", "positive_int"]
+
+
+class Unset:
+    """The default of an argument whose absence means something (torch's batch_size=1)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = Unset()
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -33,8 +44,8 @@ def check_arguments(*, uneven: Any, prefetch: Any, num_workers: Any, timeout: An
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(
             timeout, (int, float)) or not timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds or None, "
-                         f"got {timeout!r}")
+        raise ValueError(f"timeout must be a positive number of seconds, or None or 0 for no "
+                         f"limit, got {timeout!r}")
     for flag, value in (("drop_last", drop_last), ("progress", progress),
                         ("log_stats", log_stats), ("shuffle", shuffle)):
         if not isinstance(value, bool):
@@ -98,3 +109,52 @@ def check_even(plan: EpochPlan, first: int, rank: int) -> None:
             f"not split evenly over {plan.world} ranks (per rank: {left}); use uneven='stop' "
             "(pads like torch), uneven='pad' (exact, with empty batches), drop_last=True, or a "
             "dataset length divisible by the ranks")
+
+
+def check_worker_options(*, num_workers: Any, prefetch_factor: Any, in_order: Any,
+                         pin_memory_device: Any, multiprocessing_context: Any) -> int | None:
+    """torch's rules for the DataLoader-worker arguments; returns the prefetch factor."""
+    if prefetch_factor is not None:
+        if not is_int(prefetch_factor) or prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be a positive int or None, "
+                             f"got {prefetch_factor!r}")
+        if num_workers == 0:
+            raise ValueError("prefetch_factor option could only be specified in "
+                             "multiprocessing. let num_workers > 0 to enable multiprocessing, "
+                             "otherwise set prefetch_factor to None. (torch's rule)")
+    if multiprocessing_context is not None and num_workers == 0:
+        raise ValueError("multiprocessing_context can only be used with multi-process loading "
+                         f"(num_workers > 0), but got num_workers={num_workers} (torch's rule)")
+    if not isinstance(in_order, bool):
+        raise TypeError(f"in_order must be a bool, got {in_order!r}")
+    if not isinstance(pin_memory_device, str):
+        raise TypeError(f"pin_memory_device must be a str, got {pin_memory_device!r}")
+    return None if prefetch_factor is None else int(prefetch_factor)
+
+
+def check_batch_sampler(batch_sampler: Any, dataset: Any, backend: Backend) -> Any:
+    """A user's batch sampler, refused where it would read the same batches on every rank
+    (a plain one over the whole dataset) or does not fit the data."""
+    if batch_sampler is None:
+        return None
+    if isinstance(dataset, IterableDataset):
+        raise ValueError("batch_sampler is for map-style datasets; an IterableDataset "
+                         "decides its own batches")
+    if not hasattr(batch_sampler, "__iter__"):
+        raise TypeError(f"batch_sampler must be an iterable of index lists, got "
+                        f"{type(batch_sampler).__name__}")
+    if backend.size > 1 and not _distributed(batch_sampler):
+        raise ShardingError(
+            f"rank {backend.rank}: batch_sampler={type(batch_sampler).__name__} does not split "
+            f"the data over the {backend.size} ranks: every rank would read every batch. "
+            "Build it over this rank's slice (its `sampler` a horovod_iter.DistributedSampler "
+            "or torch DistributedSampler), or use horovod_iter.LengthGroupedBatchSampler")
+    return batch_sampler
+
+
+def _distributed(batch_sampler: Any) -> bool:
+    """True if the batch sampler yields this rank's share only."""
+    if getattr(batch_sampler, "num_replicas", 1) > 1:
+        return True
+    inner = getattr(batch_sampler, "sampler", None)
+    return isinstance(inner, TorchDistributedSampler) and inner.num_replicas > 1

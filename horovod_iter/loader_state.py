@@ -16,7 +16,7 @@ STATE_VERSION = 2
 TYPE, VERSION, EPOCH, STEPS, WORLD = "type", "version", "epoch", "steps", "world_size"
 BATCH, GLOBAL_BATCH, UNEVEN_MODE = "batch_size", "global_batch_size", "uneven"
 FINISHED, SAMPLES, SAMPLER, ITERATIONS = "finished", "samples", "sampler", "iterations"
-MESSAGES, DATASET = "messages", "dataset"
+MESSAGES, DATASET, BATCH_SAMPLER = "messages", "dataset", "batch_sampler"
 
 
 @dataclass

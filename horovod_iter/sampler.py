@@ -15,13 +15,16 @@ a `Cursor` (a plan frozen at ``iter()`` plus the slots taken so far). Semantics:
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator, Mapping, Sized
+from types import FrameType
 from typing import Any
 
 import numpy as np
-import torch.utils.data
+from torch.utils.data.distributed import DistributedSampler as _TorchDistributedSampler
 
 from . import backend as _backend
+from .errors import ShardingError
 from .plan import EpochPlan
 
 __all__ = ["Cursor", "DistributedSampler", "is_int"]
@@ -118,8 +121,49 @@ class _SamplerIterator(Iterator[int]):
         return self._buf[self._i - 1]
 
 
-class DistributedSampler(torch.utils.data.Sampler[int]):
+# (module, class) of the distributed wrappers that would shard our slice again, by what
+# they are to the user; checked when our sampler is iterated from inside one of them
+_RESHARDERS = {
+    ("accelerate.data_loader", "BatchSamplerShard"):
+        "accelerate's BatchSamplerShard (accelerator.prepare() of a DataLoader, also inside "
+        "HF transformers' Trainer)",
+    ("lightning.fabric.utilities.distributed", "_DatasetSamplerWrapper"):
+        "Lightning's DistributedSamplerWrapper",
+    ("pytorch_lightning.overrides.distributed", "_DatasetSamplerWrapper"):
+        "Lightning's DistributedSamplerWrapper",
+    ("lightning_fabric.utilities.distributed", "_DatasetSamplerWrapper"):
+        "Lightning's DistributedSamplerWrapper",
+    ("catalyst.data.dataset.torch", "DatasetFromSampler"): "catalyst's DistributedSamplerWrapper",
+    ("torch.utils.data.distributed", "DistributedSampler"): "torch's DistributedSampler",
+}
+
+
+def _resharded_by(sampler: DistributedSampler, depth: int = 12) -> str | None:
+    """The distributed wrapper (of another world than 1) iterating ``sampler``, if any: the
+    frames of the caller are inspected once per ``iter()`` (a few microseconds)."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if obj is not None and obj is not sampler and not isinstance(obj, DistributedSampler):
+            for cls in type(obj).__mro__:
+                what = _RESHARDERS.get((cls.__module__, cls.__qualname__))
+                world = getattr(obj, "num_processes", getattr(obj, "num_replicas", 2))
+                if what is not None and isinstance(world, int) and world > 1:
+                    return what
+        frame = frame.f_back
+    return None
+
+
+class DistributedSampler(_TorchDistributedSampler):
     """Drop-in for ``torch.utils.data.distributed.DistributedSampler``, ranked by Horovod.
+
+    It *is* a torch ``DistributedSampler`` (a subclass), so frameworks that inject their own
+    distributed sampler unless the DataLoader already has one (Lightning's
+    ``use_distributed_sampler``) leave it alone; a wrapper that shards it again anyway
+    (``accelerator.prepare()`` of its DataLoader) gets `ShardingError` on every rank
+    instead of 1/W of each rank's slice.
 
     Each rank iterates a disjoint slice of an order shuffled from ``(seed, epoch)``, identical
     on every rank with no communication and O(1) memory in the dataset length. ``len()`` and,
@@ -128,7 +172,9 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
     Args:
         dataset: a sized dataset, or its length as an int.
         num_replicas: number of ranks; defaults to the backend's size (Horovod,
-            torch.distributed or 1). No collective is run.
+            torch.distributed or 1), read at first use, so a sampler built before a
+            launcher sets up the ranks (Lightning's, inside ``trainer.fit()``) gets them. No
+            collective is run.
         rank: this rank; defaults to the backend's rank.
         shuffle: shuffle the order each epoch (see `permutation`).
         seed: int seed shared by all ranks; ``None`` lets rank 0 draw one, broadcast at the
@@ -165,13 +211,19 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
     def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int | None = 0, drop_last: bool = False, *,
                  pad: bool = True, backend: _backend.Backend | None = None) -> None:
+        # not torch's __init__: it needs an initialised process group
         self.dataset = dataset
         self.n = _dataset_length(dataset)
-        if num_replicas is None or rank is None:
-            b = backend or _backend.get_backend()
-            num_replicas = b.size if num_replicas is None else num_replicas
-            rank = b.rank if rank is None else rank
-        self.num_replicas, self.rank = _check_world(num_replicas, rank)
+        self._world: tuple[int, int] | None = None
+        self._world_arg = (num_replicas, rank)
+        self._auto_world = False  # the world came from a provisional (local) backend
+        self._world_backend: _backend.Backend | None = None
+        if num_replicas is not None and rank is not None:
+            self._world = _check_world(num_replicas, rank)
+        elif num_replicas is not None and (not is_int(num_replicas) or num_replicas < 1):
+            raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+        elif rank is not None and (not is_int(rank) or rank < 0):
+            raise ValueError(f"Invalid rank {rank!r}, rank should be an int >= 0")
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("pad", pad)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -187,9 +239,51 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         self._pending: Cursor | None = None   # what the next iter() resumes (after a load)
         self._current: Cursor | None = None   # the latest pass of this epoch
 
+    # ---- the world ------------------------------------------------------------------------
+    def _bound(self) -> tuple[int, int]:
+        """This sampler's (num_replicas, rank): the given ones, else the backend's, read at
+        first use - and read again while they came from a local backend that a launcher's
+        environment has since replaced (keeping the epoch's progress)."""
+        if self._world is not None and not (
+                self._auto_world and self._world_backend is not None
+                and _backend.is_provisional(self._world_backend)):
+            return self._world
+        b = self._backend or _backend.get_backend()
+        n_arg, r_arg = self._world_arg
+        world = _check_world(b.size if n_arg is None else n_arg, b.rank if r_arg is None
+                             else r_arg)
+        first = self._world is None
+        self._world_backend = b  # first: set_world() below reads the old world
+        self._auto_world = self._backend is None and b.name == "local"
+        if first:
+            self._world = world
+        elif world != self._world:
+            self.set_world(*world)
+        return world
+
+    @property
+    def num_replicas(self) -> int:
+        """Number of ranks (torch's attribute)."""
+        return self._bound()[0]
+
+    @num_replicas.setter
+    def num_replicas(self, value: int) -> None:
+        self._world = _check_world(value, min(self._bound()[1], value - 1))
+        self._auto_world = False
+
+    @property
+    def rank(self) -> int:
+        """This rank (torch's attribute)."""
+        return self._bound()[1]
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        self._world = _check_world(self._bound()[0], value)
+        self._auto_world = False
+
     # ---- the plan -------------------------------------------------------------------------
     @property
-    def seed(self) -> int:
+    def seed(self) -> int:  # type: ignore[override]  # torch's: plain attributes
         """The seed (with ``seed=None``, rank 0's draw, broadcast on first use)."""
         if self._seed is None:
             drawn = random.SystemRandom().randrange(2**63)
@@ -221,6 +315,17 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
 
     # ---- torch Sampler protocol ----------------------------------------------------------
     def __iter__(self) -> Iterator[int]:
+        if self.num_replicas > 1:
+            wrapper = _resharded_by(self)
+            if wrapper is not None:
+                raise ShardingError(
+                    f"rank {self.rank}: horovod_iter.DistributedSampler already gives each of "
+                    f"the {self.num_replicas} ranks its own slice, and {wrapper} shards it "
+                    f"again: each rank would see 1/{self.num_replicas} of its slice, the rest "
+                    "of the data never. Either let the framework shard (give it the dataset "
+                    "or a DataLoader without our sampler), or keep our sampler and give the "
+                    "framework horovod_iter.DistributedLoader (accelerate and Lightning pass "
+                    "it through untouched); see docs/frameworks.md")
         return _SamplerIterator(self.begin_iteration())
 
     def __len__(self) -> int:
@@ -228,12 +333,12 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         return self.num_samples
 
     @property
-    def num_samples(self) -> int:
+    def num_samples(self) -> int:  # type: ignore[override]  # torch's: plain attributes
         """Samples this rank yields in a full epoch (torch's attribute)."""
         return self.plan().count()
 
     @property
-    def total_size(self) -> int:
+    def total_size(self) -> int:  # type: ignore[override]  # torch's: plain attributes
         """Schedule positions over all ranks in a full epoch (torch's attribute)."""
         return self.plan().total
 
@@ -254,7 +359,7 @@ class DistributedSampler(torch.utils.data.Sampler[int]):
         resumes the rest of the epoch laid out over ``num_replicas`` ranks (a load)."""
         num_replicas, rank = _check_world(num_replicas, rank)
         state = self.state_dict()
-        self.num_replicas, self.rank = num_replicas, rank
+        self._world = (num_replicas, rank)
         self.load_state_dict(state)
 
     # ---- state ---------------------------------------------------------------------------
