@@ -195,7 +195,7 @@ class EndOfDataSync(Iterator[Any]):
             if self._batch_bytes is None:
                 self._batch_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(batch))
             if self._template is None and self.uneven == "pad":
-                self._template = batch
+                self._template = empty_like(batch)  # a copy: the trainer may change the batch
             self._buffer.append(batch)
             self._pulled += 1
 
@@ -377,7 +377,9 @@ class EndOfDataSync(Iterator[Any]):
                 f"ended after {s}; did the dataset's length change during the epoch, or does "
                 "the sampler yield fewer indices than its len()?")
         if self._template is None and self.uneven == "pad":
-            self._template = batch  # kept only where an empty batch may be needed
+            # an empty copy (the trainer may change the batch it gets, e.g. pop a key),
+            # kept only where an empty batch may be needed
+            self._template = empty_like(batch)
         return batch
 
     def _end(self, s: int) -> None:
@@ -401,7 +403,7 @@ class EndOfDataSync(Iterator[Any]):
             self._wait_oldest()
         self._issue(_TEMPLATE)
         self._wait_oldest()
-        mine = None if self._template is None else empty_like(self._template)
+        mine = self._template
         try:
             gathered = self.backend.allgather_object(
                 mine, timeout=self.timeout,

@@ -156,9 +156,16 @@ def report(**fields) -> None:
     tmp.rename(OUT / f"rank{rank}.json")
 
 
+def isolate_worker(worker_id: int) -> None:
+    """The survivors' DataLoader workers ignore the launcher's SIGTERM too (on another host
+    they would not get it; here it would end them before their rank noticed the fault)."""
+    if cfg.get("isolate") and not faulty:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main() -> int:
     kwargs = dict(batch_size=4, uneven=cfg["uneven"], num_workers=cfg["workers"],
-                  timeout=cfg["timeout"])
+                  timeout=cfg["timeout"], worker_init_fn=isolate_worker)
     loader = hi.DistributedLoader(make_dataset(), **kwargs)
     seen: dict[str, list[int]] = {}
     step = 0
