@@ -228,3 +228,7 @@ class RankBatches(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The loader's epoch (HF's Trainer sets it here after re-batching a resumed epoch)."""
+        self._loader.set_epoch(epoch)

@@ -94,9 +94,9 @@ class DistributedIterator:
                                                    backend.rank), np.zeros(1, dtype=np.int64))
         try:  # its first message is the configuration check
             self._sync = EndOfDataSync(
-                source, backend, loader.uneven, loader.timeout, name=f"horovod_iter.{loader.id}",
-                ops=loader.messages, serial=serial, config=loader.config(), empty=empty,
-                num_batches=source.num_batches)
+                source, backend, loader.uneven, loader.sync_timeout,
+                name=f"horovod_iter.{loader.id}", ops=loader.messages, serial=serial,
+                config=loader.config(), empty=empty, num_batches=source.num_batches)
         except BaseException:
             source.close()
             raise

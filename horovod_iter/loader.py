@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from .backend import Backend, get_backend, init, is_provisional
+from .batching import LengthGroupedBatchSampler, RankBatches, batch_sampler_batches
 from .fetch import (
     FetchOptions,
     HostSource,
@@ -36,13 +37,8 @@ from .fetch import (
     sampler_batches,
 )
 from .iterator import DistributedIterator, Pass
-from .batching import LengthGroupedBatchSampler, RankBatches, batch_sampler_batches
-from .loader_config import (
-    UNSET as _UNSET,
-)
-from .loader_config import (
-    Unset as _Unset,
-)
+from .loader_config import UNSET as _UNSET
+from .loader_config import Unset as _Unset
 from .loader_config import (
     check_arguments,
     check_batch_sampler,
@@ -133,7 +129,7 @@ class DistributedLoader:
         ```
     """
 
-    def __init__(self, dataset: Any, batch_size: int | None | _Unset = _UNSET,
+    def __init__(self, dataset: Any, batch_size: int | _Unset | None = _UNSET,
                  shuffle: bool | None = None, sampler: Sampler[Any] | None = None,
                  batch_sampler: Sampler[list[int]] | Iterable[list[int]] | None = None,
                  num_workers: int = 0,
@@ -155,7 +151,7 @@ class DistributedLoader:
         world = self._backend.size
         if batch_sampler is not None:
             # torch's rule: a batch sampler decides the batches alone
-            if not isinstance(batch_size, _Unset) and batch_size != 1 or shuffle or \
+            if (not isinstance(batch_size, _Unset) and batch_size != 1) or shuffle or \
                     sampler is not None or drop_last or global_batch_size is not None:
                 raise ValueError(
                     "batch_sampler option is mutually exclusive with batch_size, "
@@ -219,7 +215,8 @@ class DistributedLoader:
         self.worker_init_fn = worker_init_fn
         self.prefetch = int(prefetch)
         self.device_transform = device_transform
-        self.timeout = None if timeout is None else float(timeout)
+        #: seconds a rank waits for the others (and for its DataLoader workers); None: no limit
+        self.sync_timeout = None if timeout is None else float(timeout)
         self.progress = bool(progress)
         self.log_stats = bool(log_stats)
         self._device_arg = device
@@ -257,6 +254,14 @@ class DistributedLoader:
                 f"multiple of {world} (e.g. {max(world, g - g % world)}) or batch_size "
                 "(per rank); under Horovod elastic, choose --min-np/--max-np so it divides")
         return g // world
+
+    @property
+    def timeout(self) -> float:
+        """torch's attribute: the seconds to wait for a batch from a DataLoader worker (0:
+        none), i.e. ``sync_timeout`` with workers, 0 without - what a DataLoader built from
+        this loader's attributes (accelerate's ``skip_first_batches``) must be given. The
+        ranks' own bound is ``sync_timeout``."""
+        return float(self.sync_timeout or 0) if self.num_workers > 0 else 0.0
 
     @property
     def _rank_batch(self) -> int:
@@ -395,7 +400,7 @@ class DistributedLoader:
         bs = self._rank_batch
         opts = FetchOptions(bs, self.drop_last, self.num_workers, self.collate_fn,
                             self.worker_init_fn, self.pin_memory, self.backend.rank,
-                            self.persistent_workers, self.timeout,
+                            self.persistent_workers, self.sync_timeout,
                             self.multiprocessing_context, self.generator, self.prefetch_factor,
                             self.in_order)
         own = self._own_sampler()
@@ -508,7 +513,7 @@ class DistributedLoader:
             return None
         agree = functools.partial(agree_on_state, self.backend, name=f"horovod_iter.{self.id}",
                                   ops=self.messages, serial=self._iterations, step=p.steps,
-                                  timeout=self.timeout)
+                                  timeout=self.sync_timeout)
         return gather_dataset_state(self.dataset, self.backend, self._consumers(), p.positions,
                                     p.base, agree)
 

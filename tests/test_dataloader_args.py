@@ -41,8 +41,8 @@ def test_torch_defaults_and_full_signature():
                                   in_order=True)
     assert ids(loader) == list(range(40))
     assert (loader.num_workers, loader.prefetch_factor, loader.multiprocessing_context,
-            loader.generator, loader.in_order, loader.timeout) == (2, 3, "spawn", g, True,
-                                                                    None)
+            loader.generator, loader.in_order, loader.sync_timeout, loader.timeout) == (
+        2, 3, "spawn", g, True, None, 0.0)
 
 
 @pytest.mark.parametrize("kwargs, match", [

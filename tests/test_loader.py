@@ -356,13 +356,13 @@ def test_dataset_error_names_index_and_rank():
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    ({}, ValueError, "exactly one of batch_size"),
-    ({"batch_size": 2, "global_batch_size": 4}, ValueError, "exactly one of batch_size"),
+    ({"batch_size": 2, "global_batch_size": 4}, ValueError, "one of batch_size .* not both"),
+    ({"batch_size": None}, ValueError, "batch_size=None"),
     ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
     ({"batch_size": 2, "uneven": "drop"}, ValueError, "uneven must be one of"),
     ({"batch_size": 2, "prefetch": -1}, ValueError, "prefetch must be an int >= 0"),
     ({"batch_size": 2, "num_workers": -2}, ValueError, "num_workers must be an int >= 0"),
-    ({"batch_size": 2, "timeout": 0}, ValueError, "timeout must be a positive number"),
+    ({"batch_size": 2, "timeout": -5}, ValueError, "timeout must be a positive number"),
     ({"batch_size": 2, "uneven": "pad", "drop_last": True}, ValueError, "choose one"),
     ({"batch_size": 2, "device": "cuda:0"}, ValueError, "CUDA is not available"),
 ])

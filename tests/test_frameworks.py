@@ -1,0 +1,103 @@
+"""Inside the trainers users run: the real framework, 2 CPU ranks, its own launcher; every
+sample exactly once per epoch, and across the framework's own mid-epoch checkpoint + resume.
+(docs/frameworks.md has the recipes these tests hold.)"""
+from __future__ import annotations
+
+import pytest
+from harness import launch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
+N, VAL = 96, 22
+
+
+def lightning(*args):
+    pytest.importorskip("lightning")
+    return launch("local", 2, "lightning_run.py", *args, timeout=300)
+
+
+def exactly_once_per_epoch(res, n=N, epochs=("0", "1")):
+    assert [r["world"] for r in res] == [2, 2]
+    for e in epochs:
+        ids = sorted(res[0]["seen"][e] + res[1]["seen"][e])
+        assert ids == list(range(n)), f"epoch {e}: {len(ids)} ids, {len(set(ids))} distinct"
+
+
+@pytest.mark.parametrize("case", ["sampler", "loader", "prebuilt"])
+def test_lightning_ddp_trains_every_sample_once_per_epoch(case):
+    """Our sampler in a DataLoader (Lightning leaves it alone: it is a torch
+    DistributedSampler), our loader from train_dataloader(), and our loader built before
+    trainer.fit() (before Lightning's launcher set up the ranks)."""
+    res = lightning(case)
+    exactly_once_per_epoch(res)
+    for r in res:
+        assert r["backend"] == "torch"
+        assert r["seen"]["0"] != r["seen"]["1"]  # a new order each epoch (set_epoch followed)
+    if case == "loader":  # validation with uneven="pad": every sample once per validation run
+        val = sorted(res[0]["val"] + res[1]["val"])
+        assert val == sorted(list(range(VAL)) * 2)  # two epochs, one validation each
+
+
+def test_lightning_mid_epoch_checkpoint_resumes_exactly(tmp_path):
+    """ModelCheckpoint every 7 steps, the run stops after the checkpoint; fit(ckpt_path=)
+    resumes the epoch through Lightning's stateful dataloader checkpointing."""
+    first = lightning("save", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["stepstep=7.ckpt"]
+    second = lightning("resume", str(tmp_path))
+    per_rank = N // 2
+    ids = []
+    for a, b in zip(first, second):
+        mine = a["seen"]["0"][:7 * 4] + b["seen"]["0"]  # trained before the checkpoint + after
+        assert len(mine) == len(set(mine)) == per_rank
+        ids += mine
+    assert sorted(ids) == list(range(N))
+    exactly_once_per_epoch(second, epochs=("1",))
+
+
+def hf(*args):
+    pytest.importorskip("transformers")
+    return launch("torch", 2, "hf_trainer_run.py", *args, timeout=300)
+
+
+def test_hf_trainer_trains_every_sample_once_and_evaluates(tmp_path):
+    res = hf("train", str(tmp_path))
+    exactly_once_per_epoch(res, n=64)
+    assert all(r["eval_loss"] is not None for r in res)
+
+
+def test_hf_trainer_resume_from_checkpoint_is_exactly_once(tmp_path):
+    """save_steps=5, stopped at step 11 (epoch 1, step 3); resume_from_checkpoint=True
+    continues from step 10: HF re-batches the rest of epoch 1 from loader.batch_sampler
+    (accelerate's skip_first_batches) and sets its epoch there."""
+    first = hf("save", str(tmp_path))
+    second = hf("resume", str(tmp_path))
+    ids = []
+    for a, b in zip(first, second):
+        mine = a["seen"]["1"][:2 * 4] + b["seen"]["1"]  # epoch 1 before step 10, then after
+        assert len(mine) == len(set(mine)) == 32
+        ids += mine
+    assert sorted(ids) == list(range(64))
+
+
+def accel(*args):
+    pytest.importorskip("accelerate")
+    return launch("torch", 2, "accelerate_run.py", *args, timeout=300)
+
+
+def test_accelerate_save_state_load_state_resumes_exactly(tmp_path):
+    first = accel("save", str(tmp_path / "state"))
+    second = accel("resume", str(tmp_path / "state"))
+    assert all(r["passed_through"] and r["error"] is None for r in first + second)
+    ids = []
+    for a, b in zip(first, second):
+        mine = a["seen"]["0"] + b["seen"]["0"]
+        assert len(a["seen"]["0"]) == 24 and len(mine) == len(set(mine)) == 32
+        ids += mine
+    assert sorted(ids) == list(range(64))
+    exactly_once_per_epoch(second, n=64, epochs=("1",))
+
+
+def test_accelerate_prepare_of_a_dataloader_with_our_sampler_is_refused(tmp_path):
+    res = accel("prepare_dataloader", str(tmp_path))
+    for r in res:
+        assert r["error"] and r["error"].startswith("ShardingError"), r
+        assert "BatchSamplerShard" in r["error"]

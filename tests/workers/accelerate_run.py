@@ -1,0 +1,61 @@
+"""HF Accelerate under torchrun, 2 ranks on CPU: accelerator.prepare() passes a
+hi.DistributedLoader through untouched; registered for checkpointing, save_state/load_state
+resume it exactly. argv[1]: ``save`` (6 steps of epoch 0, then save_state) or ``resume``
+(load_state, then the rest of epochs 0 and 1), or ``prepare_dataloader`` (accelerate's own
+DataLoader with our sampler: refused); argv[2]: the state folder."""
+import os
+import sys
+
+import accelerate
+import torch
+from harness import report
+from torch.utils.data import DataLoader, Dataset
+
+import horovod_iter as hi
+
+case, folder = sys.argv[1], sys.argv[2]
+N = 64
+
+
+class Ids(Dataset):
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return {"id": torch.tensor(i), "x": torch.full((4,), float(i))}
+
+
+acc = accelerate.Accelerator(cpu=True)
+out = {"rank": acc.process_index, "world": acc.num_processes, "seen": {}, "error": None}
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+try:
+    if case == "prepare_dataloader":
+        dl = DataLoader(Ids(), batch_size=4, sampler=hi.DistributedSampler(Ids()))
+        model, opt, dl = acc.prepare(model, opt, dl)
+        list(dl)
+    else:
+        loader = hi.DistributedLoader(Ids(), batch_size=4, timeout=60)
+        model, opt, prepared = acc.prepare(model, opt, loader)
+        out["passed_through"] = prepared is loader
+        acc.register_for_checkpointing(loader)
+        if case == "resume":
+            acc.load_state(folder)
+        for epoch in range(loader.epoch, 2):
+            loader.set_epoch(epoch)
+            for step, batch in enumerate(loader):
+                out["seen"].setdefault(str(epoch), []).extend(batch["id"].tolist())
+                loss = model(batch["x"]).sum()
+                acc.backward(loss)
+                opt.step()
+                opt.zero_grad()
+                if case == "save" and step == 5:
+                    acc.save_state(folder)
+                    break
+            if case == "save":
+                break
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+report(out, rank=int(os.environ["RANK"]))
+sys.stdout.flush()
+os._exit(0)

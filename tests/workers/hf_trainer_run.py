@@ -1,0 +1,79 @@
+"""HF transformers.Trainer under torchrun, 2 ranks on CPU, a tiny BERT built from a config (no
+download); the training data is a hi.DistributedLoader returned by get_train_dataloader().
+argv[1]: ``train`` (2 epochs, then evaluate with HF's own evaluation data loader) or
+``save``/``resume`` (save_steps=5, stop at step 11, in epoch 1; then resume_from_checkpoint
+from step 10); argv[2]: the output folder.
+Each rank reports the sample ids its training_step saw per epoch, and the evaluation ids."""
+import os
+import sys
+
+import torch
+import transformers
+from harness import report
+from torch.utils.data import Dataset
+
+import horovod_iter as hi
+
+case, folder = sys.argv[1], sys.argv[2]
+N, VAL = 64, 18
+
+
+class Ids(Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.tensor([1 + i % 40, 2, 3]), "labels": torch.tensor(i % 2),
+                "idx": torch.tensor(i)}
+
+
+seen, evaluated = {}, []
+
+
+class Stop(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if case == "save" and state.global_step == 11:
+            control.should_training_stop = True
+
+
+class Trainer(transformers.Trainer):
+    def get_train_dataloader(self):
+        return hi.DistributedLoader(self.train_dataset, batch_size=4, timeout=60)
+
+    def training_step(self, model, inputs, *a, **kw):
+        epoch = str(int(self.state.epoch or 0))
+        seen.setdefault(epoch, []).extend(inputs.pop("idx").tolist())
+        return super().training_step(model, inputs, *a, **kw)
+
+    def prediction_step(self, model, inputs, *a, **kw):
+        idx = inputs.pop("idx", None)
+        evaluated.extend([] if idx is None else idx.tolist())
+        if idx is None:
+            print(f"rank {os.environ['RANK']}: eval batch without idx: {inputs}", flush=True)
+        return super().prediction_step(model, inputs, *a, **kw)
+
+
+config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=16,
+                                 max_position_embeddings=8, num_labels=2)
+torch.manual_seed(0)
+model = transformers.BertForSequenceClassification(config)
+args = transformers.TrainingArguments(
+    output_dir=folder, num_train_epochs=2, per_device_train_batch_size=4, use_cpu=True,
+    report_to=[], save_strategy="steps" if case == "save" else "no", save_steps=5,
+    logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+    ddp_backend="gloo", dataloader_num_workers=0)
+trainer = Trainer(model=model, args=args, train_dataset=Ids(N), eval_dataset=Ids(VAL),
+                  callbacks=[Stop()])
+if case == "resume":
+    trainer.train(resume_from_checkpoint=True)
+else:
+    trainer.train()
+metrics = trainer.evaluate() if case == "train" else {}
+report({"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]), "seen": seen,
+        "eval": evaluated, "eval_loss": metrics.get("eval_loss")})
+sys.stdout.flush()
+os._exit(0)
