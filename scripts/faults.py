@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps([dict(case=dataclasses.asdict(r.case),
                                                  outcome=r.outcome, detect_s=r.detect_s,
                                                  exit_s=r.exit_s, returncode=r.returncode,
-                                                 detail=r.detail.splitlines()[0])
+                                                 detail=(r.detail.splitlines() or [""])[0])
                                             for r in results], indent=1))
     return 1 if bad else 0
 
