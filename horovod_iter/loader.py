@@ -90,18 +90,37 @@ class DistributedLoader:
     data 64 steps per collective), and batches are copied to ``device`` on a side CUDA stream
     ``prefetch`` batches ahead.
 
+    It takes every argument of ``torch.utils.data.DataLoader`` (torch 2.13), by name and in
+    torch's positional order, with torch's meaning; the rest are keyword-only.
+
     Args:
         dataset: a map-style dataset or an ``IterableDataset``.
-        batch_size: samples per rank per step. Exactly one of this and ``global_batch_size``.
-        global_batch_size: samples per step over all ranks (TensorFlow's meaning); each rank
-            gets ``global_batch_size / W`` and it must divide evenly.
-        shuffle, seed, drop_last: as for `DistributedSampler` (map-style only);
-            ``drop_last`` also drops a short last batch.
+        batch_size: samples per rank per step (torch's default 1). Not with
+            ``global_batch_size``.
+        shuffle: as for `DistributedSampler` (map-style only); ``None`` (the default)
+            shuffles, as torch's ``DistributedSampler`` does, unless a ``batch_sampler``
+            decides the order.
         sampler: your own sampler instead of ours (map-style only). Ours resumes in O(1) and
             on another world size; any other resumes on the same world size by skipping
             the indices already consumed (no data is read for them).
-        num_workers, collate_fn, worker_init_fn: as for ``torch.utils.data.DataLoader``.
+        batch_sampler: batches of indices instead of ``batch_size``/``shuffle``/``sampler``/
+            ``drop_last`` (torch's rule): `LengthGroupedBatchSampler` (resumes on any world
+            size), or any batch sampler that yields this rank's share (e.g. built over
+            `DistributedSampler`; resumes on the same world size by skipping batches).
+        num_workers, collate_fn, worker_init_fn, multiprocessing_context, generator,
+            prefetch_factor, persistent_workers, in_order: as for
+            ``torch.utils.data.DataLoader`` (``persistent_workers`` map-style only).
         pin_memory: pin host batches; ``None`` means "when ``device`` is CUDA".
+        pin_memory_device: accepted for torch's signature (deprecated there); ``device``
+            says where batches go.
+        drop_last: as for `DistributedSampler`; also drops a short last batch.
+        timeout: seconds a rank waits for the others, and for a batch from its DataLoader
+            workers, before raising `DataTimeoutError` naming the step (``None`` or torch's
+            ``0``: no limit). Kept as ``sync_timeout``; ``loader.timeout`` is torch's
+            attribute (the worker timeout a DataLoader built from this loader would take).
+        global_batch_size: samples per step over all ranks (TensorFlow's meaning); each rank
+            gets ``global_batch_size / W`` and it must divide evenly.
+        seed: as for `DistributedSampler` (map-style only).
         device: where batches go; ``None`` means the current CUDA device, or CPU.
         prefetch: batches copied to the GPU ahead of the one being consumed.
         device_transform: a function of a device batch, run on the copy's side stream (see
@@ -111,8 +130,6 @@ class DistributedLoader:
             ``"pad"`` (ranks that ran out yield empty batches until all are done; every sample
             exactly once - for evaluation) or ``"error"`` (raise `UnevenDataError` on
             every rank instead of padding or stopping).
-        timeout: seconds a rank waits for the others before raising
-            `DataTimeoutError` naming the step (``None``: no limit).
         backend: a `Backend`, or a backend name for `init()`.
         progress: show a progress bar on rank 0 (tqdm if installed, else INFO log lines under
             the ``horovod_iter`` logger) and log the pass's `stats()` at its end.

@@ -84,11 +84,13 @@ if ! "$py" -c "import horovod.torch, horovod; assert horovod.__version__ == '$HO
     || die "Horovod installed but horovod.torch does not import with Gloo"
 fi
 
-# 3. The package itself, editable, with its dev extras (test, lint, docs tools).
-if ! "$py" -c "import horovod_iter, pytest, hypothesis" 2>/dev/null \
+# 3. The package itself, editable, with its dev extras (test, lint, docs tools) and the
+#    frameworks its integration tests run (Lightning, transformers, accelerate, webdataset).
+if ! "$py" -c "import horovod_iter, pytest, hypothesis, lightning, transformers, accelerate" \
+     2>/dev/null \
    || [ "$root/setup.cfg" -nt "$venv/.horovod_iter-installed" ]; then
-  say "installing horovod_iter (editable, dev extras)"
-  pip install -e "$root[dev]"
+  say "installing horovod_iter (editable, dev and frameworks extras)"
+  pip install -e "$root[dev,frameworks]" "torch==$TORCH_VERSION"
   touch "$venv/.horovod_iter-installed"
 fi
 say "environment ready: $venv"
