@@ -46,6 +46,7 @@ from .loader_config import (
     check_worker_options,
     loader_sampler,
     positive_int,
+    warn_foreign_world,
 )
 from .loader_state import (
     BATCH,
@@ -166,6 +167,7 @@ class DistributedLoader:
         self._backend = backend if isinstance(backend, Backend) else (
             init(backend) if backend is not None else get_backend())
         world = self._backend.size
+        warn_foreign_world(self._backend)
         if batch_sampler is not None:
             # torch's rule: a batch sampler decides the batches alone
             if (not isinstance(batch_size, _Unset) and batch_size != 1) or shuffle or \
@@ -341,6 +343,16 @@ class DistributedLoader:
             plan = dataclasses.replace(own.plan(), world=b.size, rank=b.rank)
             counts = [steps_for(c, bs, self.drop_last) for c in plan.counts]
             return min(counts) if self.uneven == "stop" else max(counts)
+        per_consumer = getattr(self.dataset, "consumer_counts", None)
+        if self.is_iterable and callable(per_consumer) and \
+                getattr(self.dataset, "sizes", None) is not None:
+            # every rank's batch count (each worker batches its own stream): the same len()
+            # on every rank - the steps the ranks take together
+            w = max(1, self.num_workers)
+            counts = per_consumer(b.size * w)
+            steps = [sum(steps_for(counts[r * w + k], bs, self.drop_last) for k in range(w))
+                     for r in range(b.size)]
+            return min(steps) if self.uneven == "stop" else max(steps)
         source: Any = self.sampler if self.sampler is not None else self.dataset
         try:
             n = len(source)

@@ -2,6 +2,8 @@
 choice of sampler. Kept apart so that `loader.py` is the composition and the position only."""
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Callable
 
 from torch.utils.data import IterableDataset, Sampler
@@ -14,7 +16,7 @@ from .sampler import DistributedSampler, is_int
 from .sync import UNEVEN
 
 __all__ = ["UNSET", "Unset", "check_arguments", "check_batch_sampler", "check_even",
-           "check_worker_options", "loader_sampler", "positive_int"]
+           "check_worker_options", "loader_sampler", "positive_int", "warn_foreign_world"]
 
 
 class Unset:
@@ -158,3 +160,20 @@ def _distributed(batch_sampler: Any) -> bool:
         return True
     inner = getattr(batch_sampler, "sampler", None)
     return isinstance(inner, TorchDistributedSampler) and inner.num_replicas > 1
+
+
+def warn_foreign_world(backend: Backend) -> None:
+    """Warn when HF Accelerate, already set up in this process, sees another number of
+    processes than our backend (``accelerate launch`` under horovodrun: accelerate sees one
+    and synchronises no gradients, while our loader shards over the Horovod ranks)."""
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "PartialState", None), "_shared_state", None)
+    if not shared or backend.size == 1:
+        return
+    n = shared.get("num_processes")
+    if isinstance(n, int) and n != backend.size:
+        warnings.warn(
+            f"HF Accelerate sees {n} process(es) but horovod_iter's {backend.name} backend has "
+            f"{backend.size} ranks: accelerate will not synchronise gradients over them. Launch "
+            "with `accelerate launch --multi_gpu` or torchrun, or synchronise gradients "
+            "yourself (Horovod's DistributedOptimizer)", stacklevel=3)

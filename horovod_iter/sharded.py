@@ -165,11 +165,17 @@ class ShardedDataset(IterableDataset[Any]):
         return todo[consumer::consumers]
 
     def __len__(self) -> int:
-        """Samples this rank reads in a full epoch (needs ``sizes``)."""
+        """Samples this rank reads in a full epoch without DataLoader workers (needs
+        ``sizes``); `consumer_counts` has every consumer's."""
+        return self.consumer_counts(self.num_replicas)[self.rank]
+
+    def consumer_counts(self, consumers: int) -> list[int]:
+        """Samples each of ``consumers`` (ranks x workers) reads in a full epoch (needs
+        ``sizes``): the same on every rank, so the loader's ``len()`` is too."""
         if self.sizes is None:
             raise TypeError("len() of a ShardedDataset needs the shard sizes: pass sizes=")
         order = self.order()
-        return sum(self.sizes[s] for s in order[self.rank::self.num_replicas])
+        return [sum(self.sizes[s] for s in order[c::consumers]) for c in range(consumers)]
 
     # -- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:

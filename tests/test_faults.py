@@ -107,3 +107,4 @@ def test_map_style_stall_in_getitem_is_noticed_mid_pass(launcher):
     assert r1 is not None and "t_stall" in r1
     assert 10 <= len(r0["batches"]) < 100, len(r0["batches"])
     assert r0["t_end"] - r1["t_stall"] < 3 + faults.DETECT_SLACK_S
+

@@ -101,3 +101,10 @@ def test_accelerate_prepare_of_a_dataloader_with_our_sampler_is_refused(tmp_path
     for r in res:
         assert r["error"] and r["error"].startswith("ShardingError"), r
         assert "BatchSamplerShard" in r["error"]
+
+
+def test_accelerate_seeing_another_world_than_horovod_warns():
+    pytest.importorskip("accelerate")
+    res = launch("horovod", 2, "fault_cases.py", "accelerate_world", timeout=120)
+    for r in res:
+        assert any("will not synchronise gradients" in w for w in r["warnings"]), r

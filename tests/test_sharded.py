@@ -300,3 +300,18 @@ def test_hugging_face_datasets_through_the_loader():
     got = [b["id"] for b in loader]
     assert sorted(torch.cat(got).tolist()) == list(range(50))
     assert all(torch.equal(b["x"][:, 0], b["id"].float()) for b in loader)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("workers", [0, 2])
+def test_len_is_the_steps_every_rank_takes_together(tmp_path, workers):
+    """ShardedDataset(sizes=...) with uneven="pad": len(loader) is the same on every rank and
+    is the number of steps each takes (Lightning trusts len() to end its epoch)."""
+    write_shards(tmp_path, [9, 30, 4, 17, 11])
+    res = launch("torch", 2, "sharded_run.py", json.dumps(dict(
+        dir=str(tmp_path), batch_size=4, workers=workers, uneven="pad", with_sizes=True,
+        epochs=[0, 1])), timeout=120)
+    for e in ("0", "1"):
+        lens = {r["len"][e] for r in res}
+        steps = {len(r["epochs"][e]) for r in res}
+        assert len(lens) == 1 and lens == steps, (lens, steps)

@@ -4,7 +4,9 @@
   others keep training): every rank must raise ConfigMismatchError at once, not time out;
 * ``pad_class``: uneven="pad" over iterable data where rank 1 has none, batches of a
   dataclass defined in this script: rank 1's empty batches are of the very same class;
-* ``after_shutdown``: iterating a loader after hi.shutdown() raises our BackendError.
+* ``after_shutdown``: iterating a loader after hi.shutdown() raises our BackendError;
+* ``accelerate_world``: HF Accelerate set up in a horovodrun job sees one process: building a
+  loader warns that accelerate will not synchronise gradients.
 """
 import dataclasses
 import os
@@ -54,6 +56,16 @@ try:
         batches = list(loader)
         out["classes_ok"] = all(type(x) is Batch and isinstance(x, Batch) for x in batches)
         out["rows"] = [len(x.ids) for x in batches]
+    elif case == "accelerate_world":
+        import warnings
+
+        import accelerate
+
+        accelerate.PartialState(cpu=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hi.DistributedLoader(list(range(8)), batch_size=2)
+        out["warnings"] = [str(w.message) for w in caught]
     elif case == "after_shutdown":
         loader = hi.DistributedLoader(list(range(40)), batch_size=2, timeout=30)
         first = list(loader)

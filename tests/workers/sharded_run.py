@@ -67,7 +67,10 @@ try:
         shards = sorted(str(p) for p in Path(cfg["dir"]).glob("s*.jsonl"))
         if cfg.get("reversed_on_rank") == b.rank:  # e.g. an unsorted directory listing
             shards.reverse()
-        ds = hi.ShardedDataset(shards, read, seed=3, shuffle_buffer=cfg.get("buffer", 0))
+        sizes = ([sum(1 for _ in open(p)) for p in shards] if cfg.get("with_sizes")
+                 else None)
+        ds = hi.ShardedDataset(shards, read, seed=3, shuffle_buffer=cfg.get("buffer", 0),
+                               sizes=sizes)
     loader = hi.DistributedLoader(ds, batch_size=cfg["batch_size"], uneven=cfg.get("uneven", "pad"),
                                   num_workers=cfg.get("workers", 0), collate_fn=collate,
                                   timeout=60)
@@ -75,6 +78,8 @@ try:
         loader.load_state_dict(json.loads(Path(cfg["state_in"]).read_text()))
     for epoch in cfg.get("epochs", [0]):
         loader.set_epoch(epoch)
+        if cfg.get("with_sizes"):
+            out.setdefault("len", {})[str(epoch)] = len(loader)
         got = []
         for step, batch in enumerate(loader):
             got.append(batch.tolist())
