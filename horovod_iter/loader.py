@@ -544,7 +544,7 @@ class DistributedLoader:
                                   ops=self.messages, serial=self._iterations, step=p.steps,
                                   timeout=self.sync_timeout)
         return gather_dataset_state(self.dataset, self.backend, self._consumers(), p.positions,
-                                    p.base, agree)
+                                    p.base, agree, timeout=self.sync_timeout)
 
     def _consumers(self) -> int:
         return self.backend.size * max(1, self.num_workers)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .backend import Backend
+from .backend import DEFAULT_TIMEOUT, Backend
 from .sampler import is_int
 
 __all__ = ["Resume", "check_dataset_state", "gather_dataset_state", "validate"]
@@ -31,7 +31,8 @@ class Resume:
 
 def gather_dataset_state(dataset: Any, backend: Backend, consumers: int,
                          positions: Mapping[int, Any], base: Any = None,
-                         agree: Callable[[], None] | None = None) -> Any:
+                         agree: Callable[[], None] | None = None,
+                         timeout: float | None = DEFAULT_TIMEOUT) -> Any:
     """A stateful iterable's position: every consumer's state as of the last batch handed
     out, gathered over the ranks (a collective: every rank calls it at the same step, which
     ``agree`` checks first). Datasets with ``elastic_state`` (``ShardedDataset``) merge them
@@ -40,7 +41,8 @@ def gather_dataset_state(dataset: Any, backend: Backend, consumers: int,
     if backend.size > 1 and agree is not None:
         agree()
     parts = [dict(positions)] if backend.size == 1 else backend.allgather_object(
-        dict(positions))
+        dict(positions), timeout=timeout,
+        what="the other ranks' dataset positions at state_dict()")
     for part in parts:
         for c, st in part.items():
             if c < consumers:

@@ -96,11 +96,13 @@ def agree_on_state(backend: Backend, *, name: str, ops: Iterator[int], serial: i
         timeout, what=f"the other ranks at state_dict() (pass {serial}, step {step}); "
                       "call loader.state_dict() on every rank at the same step").tolist()
     if any(res[f] != -res[f + 1] for f in (_KIND, _SERIAL, _STEP)):
-        raise ConfigMismatchError(
+        error = ConfigMismatchError(
             f"rank {backend.rank}: loader.state_dict() of sharded or stateful iterable data "
             "gathers every rank's position: call loader.state_dict() on every rank at the "
             "same step (as with Horovod's state.commit()), not on one rank only; the dict is "
             "then the same everywhere and rank 0 can save it alone")
+        backend.fail(str(error))  # the ranks' collectives are out of step
+        raise error
 
 
 def config_hash(config: Mapping[str, Any]) -> int:

@@ -201,6 +201,15 @@ def run_case(case: Case, timeout: float = 5.0, n: int = 240, epochs: int = 3,
         return _control(res, reports, n, output)
     if t_fault is None:  # e.g. the dataset was read to its end before the fault was armed
         return _verdict(res, "not_fired", "the fault never fired (inconclusive)", output)
+    if proc.returncode == 0 and len(reports) == case.world and all(
+            rep.get("error") is None and not rep.get("left") for rep in reports.values()):
+        # the job ran to its end through the fault (a worker killed after it had delivered
+        # all its data): fine if, and only if, the data is still exactly once
+        checked = _control(res, reports, n, output)
+        if checked.outcome == "ok":
+            return _verdict(res, "no_effect", "the fault did not affect the run (every "
+                            "sample exactly once)", output)
+        return checked
     survivors = [r for r in range(case.world) if r != case.frank]
     worst = 0.0
     for r in survivors:
@@ -284,7 +293,7 @@ def summarise(results: list[Result]) -> str:
         row = f"{fault:<14}"
         for la in LAUNCHERS:
             rs = by_fault[fault][la]
-            rs = [r for r in rs if r.outcome != "not_fired"]
+            rs = [r for r in rs if r.outcome not in ("not_fired", "no_effect")]
             ok = sum(r.outcome == "ok" for r in rs)
             det = max((r.detect_s for r in rs if r.detect_s is not None), default=None)
             ex = max((r.exit_s for r in rs if r.exit_s is not None and r.outcome != "hang"),
@@ -334,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             print(r.detail, flush=True)
     print()
     print(summarise(results))
-    bad = [r for r in results if r.outcome not in ("ok", "not_fired")]
+    bad = [r for r in results if r.outcome not in ("ok", "not_fired", "no_effect")]
     for r in bad:
         print(f"- {r.case.label()}: {r.outcome}: {r.detail.splitlines()[0]}")
     if a.json:

@@ -51,8 +51,11 @@ class _StateDictHandler(hvd_state.StateHandler):
     def _broadcast_state(self, name: str) -> dict[str, Any]:
         """Rank 0's last commit. Not the live state: after a reset the world changed, and a
         live state of sharded data would have to be gathered from ranks that may be gone;
-        every rank holds the whole committed state (rank 0's is the one Horovod syncs)."""
-        state: dict[str, Any] = hvd.broadcast_object(self._saved, root_rank=0, name=name)
+        every rank holds the whole committed state (rank 0's is the one Horovod syncs).
+        Through our backend: bounded, and a failure is our (Horovod-internal) error, on which
+        Horovod elastic resets again."""
+        state: dict[str, Any] = get_backend().broadcast_object(
+            self._saved, root=0, what=f"rank 0's committed state ({name})")
         self._saved = copy.deepcopy(state)
         return state
 
