@@ -32,7 +32,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ._tree import ErrorBox
 from .backend import get_backend
-from .errors import DataTimeoutError, SampleError
+from .errors import DataTimeoutError, SampleError, ShardingError
 from .gather import BatchFetcher
 from .plan import EpochPlan, steps_for
 
@@ -55,6 +55,14 @@ def shard(iterable: Iterable[Any], rank: int | None = None,
     ``rank``/``num_replicas`` default to the backend's; the worker split comes from
     ``torch.utils.data.get_worker_info()``.
     """
+    if type(iterable).__module__.split(".")[0] == "webdataset":
+        raise ShardingError(
+            f"horovod_iter.shard() over a WebDataset pipeline ({type(iterable).__name__}): "
+            "WebDataset splits its shards by node and DataLoader worker itself, and shard() "
+            "would split its samples again, losing most of the data. Use "
+            "horovod_iter.ShardedDataset(urls, horovod_iter.integrations.webdataset.reader("
+            "...)) (each shard read once, resumable on any world), or WebDataset's own "
+            "splitting without shard()")
     if rank is None or num_replicas is None:
         b = get_backend()
         rank = b.rank if rank is None else rank

@@ -10,11 +10,16 @@ and does nothing at all once the interpreter is exiting.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
+import sys
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,6 +57,12 @@ class Pass:
     positions: dict[int, Any] = dataclasses.field(default_factory=dict)
     #: iterable data: the saved dataset state this pass resumed from (positions are relative)
     base: Any = None
+    #: how many handed-out batches a consumer that fetches ahead of the trainer holds unused
+    #: (Lightning's prefetching fetcher, for data without len()); None: nobody does
+    ahead: Callable[[], int] | None = None
+    #: the last batches' (consumer, its previous position), to take them back
+    history: collections.deque[Any] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=_HISTORY))
 
     def handed(self, position: dict[str, Any] | None = None) -> None:
         self.steps += 1
@@ -59,7 +70,54 @@ class Pass:
         if self.cursor is not None:
             self.cursor.advance(self.batch_size)
         if position is not None:
-            self.positions[position["consumer"]] = position["state"]
+            c = position["consumer"]
+            self.history.append((c, self.positions.get(c, _MISSING)))
+            self.positions[c] = position["state"]
+        else:
+            self.history.append(None)
+
+    def consumed(self) -> Pass:
+        """The position as of the batches the trainer used: without those a fetch-ahead
+        consumer holds (Lightning fetches one batch early when the data has no len())."""
+        k = self.ahead() if self.ahead is not None else 0
+        k = min(k, len(self.history), self.steps)
+        if k <= 0:
+            return self
+        positions = dict(self.positions)
+        for entry in reversed(list(self.history)[-k:]):
+            if entry is not None:
+                c, previous = entry
+                if previous is _MISSING:
+                    positions.pop(c, None)
+                else:
+                    positions[c] = previous
+        cursor = None if self.cursor is None else Cursor(
+            self.cursor.plan, max(0, self.cursor.slot - k * self.batch_size))
+        return dataclasses.replace(self, steps=self.steps - k, finished=False, cursor=cursor,
+                                   samples=max(0, self.samples - k * self.batch_size),
+                                   positions=positions, ahead=None,
+                                   history=collections.deque(maxlen=_HISTORY))
+
+
+_MISSING = object()
+_HISTORY = 16  # batches that can be taken back (Lightning holds 1)
+_FETCHERS = {("lightning.pytorch.loops.fetchers", "_PrefetchDataFetcher"),
+             ("pytorch_lightning.loops.fetchers", "_PrefetchDataFetcher")}
+
+
+def fetching_ahead(depth: int = 16) -> Callable[[], int] | None:
+    """If a framework's fetch-ahead consumer is calling ``iter()`` on the loader (found in
+    the caller's frames, once per pass), a function giving how many batches it holds."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if obj is not None and (type(obj).__module__, type(obj).__qualname__) in _FETCHERS:
+            ref = weakref.ref(obj)
+            return lambda: len(getattr(ref(), "batches", None) or ())
+        frame = frame.f_back
+    return None
 
 
 def _rows(batch: Any) -> int:

@@ -36,7 +36,7 @@ from .fetch import (
     plan_batches,
     sampler_batches,
 )
-from .iterator import DistributedIterator, Pass
+from .iterator import DistributedIterator, Pass, fetching_ahead
 from .loader_config import UNSET as _UNSET
 from .loader_config import Unset as _Unset
 from .loader_config import (
@@ -463,6 +463,7 @@ class DistributedLoader:
                     "give it state_dict()/load_state_dict() or use horovod_iter.ShardedDataset",
                     stacklevel=2)
             source = host_batches(self.dataset, opts, skip=pass_.steps)
+        pass_.ahead = fetching_ahead()
         self._pass = pass_
         self._iterations += 1
         it = DistributedIterator(self, pass_, source, self._iterations)
@@ -508,6 +509,8 @@ class DistributedLoader:
         JSON-serialisable, the same on every rank; changes nothing."""
         own = self._own_sampler()
         p = self._pending or self._pass
+        if isinstance(p, Pass):
+            p = p.consumed()  # not what a framework fetched ahead of its trainer
         world = p.world if isinstance(p, Pass) else self.backend.size
         dataset = self._dataset_state(p)  # first: it may send a message (counted below)
         state = {
@@ -517,7 +520,9 @@ class DistributedLoader:
             BATCH: p.batch_size if isinstance(p, Pass) else self._rank_batch,
             GLOBAL_BATCH: self._global_size, UNEVEN_MODE: self.uneven,
             ITERATIONS: self._iterations, MESSAGES: self.messages.value,
-            SAMPLER: None if own is None else own.state_dict(),
+            SAMPLER: None if own is None else (
+                own.state_at(p.cursor) if isinstance(p, Pass) and p.cursor is not None
+                else own.state_dict()),
             DATASET: dataset,
             BATCH_SAMPLER: self._batch_sampler_state(p),
         }

@@ -366,7 +366,10 @@ class DistributedSampler(_TorchDistributedSampler):
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serialisable dict: the current iterator's position (or a pending load,
         or the epoch's beginning). The same on every rank; changes nothing."""
-        c = self._position()
+        return self.state_at(self._position())
+
+    def state_at(self, c: Cursor) -> dict[str, Any]:
+        """The state dict of the position ``c`` (a cursor of this sampler's passes)."""
         p = c.plan
         return {
             _TYPE: _STATE_TYPE, _VERSION: _STATE_VERSION, _N: p.n, _SEED: self.seed,
