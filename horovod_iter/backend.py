@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncHandle",
     "Backend",
+    "ChainHandle",
     "get_backend",
     "init",
     "shutdown",
@@ -107,6 +108,31 @@ class AsyncHandle(ABC):
                 raise failure from e
             self._finished = True
         return self._value
+
+
+class ChainHandle(AsyncHandle):
+    """A size exchange, then the payload exchange it sizes (object collectives): ``second``
+    makes the second collective from the first one's result, once that is ready."""
+
+    def __init__(self, backend: Backend, first: AsyncHandle,
+                 second: Callable[[Any], AsyncHandle]) -> None:
+        super().__init__(backend)
+        self._first: AsyncHandle | None = first
+        self._make_second = second
+        self._second: AsyncHandle | None = None
+
+    def _ready(self) -> bool:
+        if self._second is None:
+            assert self._first is not None
+            if not self._first._ready():
+                return False
+            self._second = self._make_second(self._first._collect())
+            self._first = None
+        return self._second._ready()
+
+    def _collect(self) -> Any:
+        assert self._second is not None
+        return self._second._collect()
 
 
 class _DoneHandle(AsyncHandle):

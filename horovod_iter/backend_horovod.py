@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import AsyncHandle, Backend, exit_now_if_failed
+from .backend import AsyncHandle, Backend, ChainHandle, exit_now_if_failed
 from .errors import BackendError, RankFailureError
 
 try:
@@ -52,30 +52,6 @@ class _HorovodHandle(AsyncHandle):
     def _collect(self) -> Any:
         out = hvd.synchronize(self._handle)
         return self._then(out) if self._then is not None else out
-
-
-class _ChainHandle(AsyncHandle):
-    """A size exchange, then the payload exchange it sizes (object collectives)."""
-
-    def __init__(self, backend: HorovodBackend, first: _HorovodHandle,
-                 second: Callable[[Any], _HorovodHandle]) -> None:
-        super().__init__(backend)
-        self._first: _HorovodHandle | None = first
-        self._make_second = second
-        self._second: _HorovodHandle | None = None
-
-    def _ready(self) -> bool:
-        if self._second is None:
-            assert self._first is not None
-            if not self._first._ready():
-                return False
-            self._second = self._make_second(self._first._collect())
-            self._first = None
-        return self._second._ready()
-
-    def _collect(self) -> Any:
-        assert self._second is not None
-        return self._second._collect()
 
 
 class HorovodBackend(Backend):
@@ -161,7 +137,7 @@ class HorovodBackend(Backend):
                 buf, root_rank=root, name=name), lambda t: t.numpy().tobytes())
 
         size = torch.tensor([len(payload)], dtype=torch.int64)
-        return _ChainHandle(self, self._start("an object broadcast", lambda name:
+        return ChainHandle(self, self._start("an object broadcast", lambda name:
                                               hvd.broadcast_async_(size, root_rank=root,
                                                                    name=name)), data)
 
@@ -180,7 +156,7 @@ class HorovodBackend(Backend):
                 buf, name=name), split)
 
         size = torch.tensor([len(payload)], dtype=torch.int64)
-        return _ChainHandle(self, self._start("an object gather", lambda name:
+        return ChainHandle(self, self._start("an object gather", lambda name:
                                               hvd.allgather_async(size, name=name)), data)
 
     def on_world_change(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .backend import AsyncHandle, Backend
+from .backend import AsyncHandle, Backend, ChainHandle
 from .errors import BackendError
 
 __all__ = ["TorchBackend"]
@@ -43,30 +43,6 @@ class _TorchHandle(AsyncHandle):
     def _collect(self) -> Any:
         self._work.wait()
         return self._then(self._result) if self._then is not None else self._result
-
-
-class _ChainHandle(AsyncHandle):
-    """A size exchange, then the payload exchange it sizes (object collectives)."""
-
-    def __init__(self, backend: TorchBackend, first: _TorchHandle,
-                 second: Callable[[Any], _TorchHandle]) -> None:
-        super().__init__(backend)
-        self._first: _TorchHandle | None = first
-        self._make_second = second
-        self._second: _TorchHandle | None = None
-
-    def _ready(self) -> bool:
-        if self._second is None:
-            assert self._first is not None
-            if not self._first._ready():
-                return False
-            self._second = self._make_second(self._first._collect())
-            self._first = None
-        return self._second._ready()
-
-    def _collect(self) -> Any:
-        assert self._second is not None
-        return self._second._collect()
 
 
 class TorchBackend(Backend):
@@ -159,7 +135,7 @@ class TorchBackend(Backend):
             handle._then = lambda t: t.numpy().tobytes()
             return handle
 
-        return _ChainHandle(self, self._broadcast(
+        return ChainHandle(self, self._broadcast(
             torch.tensor([len(payload)], dtype=torch.int64), root), data)
 
     def _allgather_bytes(self, payload: bytes) -> AsyncHandle:
@@ -172,7 +148,7 @@ class TorchBackend(Backend):
             handle._then = lambda parts: [t[:k].numpy().tobytes() for t, k in zip(parts, n)]
             return handle
 
-        return _ChainHandle(self, self._allgather(
+        return ChainHandle(self, self._allgather(
             torch.tensor([len(payload)], dtype=torch.int64)), data)
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 """Small datasets shared by the tests and their launched workers."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch.utils.data import Dataset
 
@@ -16,3 +18,16 @@ class Ids(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.tensor(i)
+
+
+class Mapped(Dataset):
+    """Sample ``i`` is ``make(i)``: a dataset of any sample structure, ids recoverable."""
+
+    def __init__(self, n: int, make: Callable[[int], Any]) -> None:
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return self.make(i)

@@ -19,7 +19,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from harness import report
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from toy_data import Mapped
 
 import horovod_iter as hi
 
@@ -28,15 +29,8 @@ folder = Path(sys.argv[2]) if len(sys.argv) > 2 else None
 N, VAL = 96, 22
 
 
-class Ids(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"id": torch.tensor(i), "x": torch.full((4,), float(i))}
+def Ids(n):  # a dataset of these samples
+    return Mapped(n, lambda i: {"id": torch.tensor(i), "x": torch.full((4,), float(i))})
 
 
 def read_jsonl(path):
