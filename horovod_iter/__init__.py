@@ -2,7 +2,8 @@
 
 Public API (everything else is private and may change):
 
-* ``init``, ``get_backend``, ``shutdown``, ``Backend``: ranks and collectives.
+* ``init``, ``get_backend``, ``shutdown``, ``Backend``: ranks and collectives;
+  ``gather_rows``: the exact evaluation gather (ranks with different row counts).
 * ``DistributedLoader`` / ``DistributedIterator``: the input pipeline: sampler -> fetch ->
   allreduce-synchronised end of data -> CUDA-stream prefetch.
 * ``DistributedSampler``: disjoint epoch-seeded slices, O(1) memory, exact resume.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .backend import Backend, get_backend, init, shutdown
+from .backend import Backend, gather_rows, get_backend, init, shutdown
 from .batching import LengthGroupedBatchSampler
 from .errors import (
     BackendError,
@@ -62,6 +63,7 @@ __all__ = [
     "ShardedDataset",
     "ShardingError",
     "UnevenDataError",
+    "gather_rows",
     "get_backend",
     "init",
     "shard",

@@ -44,6 +44,7 @@ __all__ = [
     "AsyncHandle",
     "Backend",
     "ChainHandle",
+    "gather_rows",
     "get_backend",
     "init",
     "shutdown",
@@ -482,6 +483,48 @@ def init(backend: str | None = None) -> Backend:
         _backend = _create(name)
         _provisional = wanted is None and name == "local"
         return _backend
+
+
+def gather_rows(value: Any, *, backend: Backend | None = None,
+                timeout: float | None = DEFAULT_TIMEOUT) -> Any:
+    """Every rank's rows of ``value`` (a tensor, or a dict/list/tuple of them), concatenated
+    along dim 0 in rank order: the exact evaluation gather for ``uneven="pad"``.
+
+    Ranks may hold different row counts, zero included (the empty padding batches), which
+    the frameworks' own gathers (``accelerator.gather_for_metrics``, ``all_gather``) cannot
+    take. A collective on the library's own group, bounded by ``timeout``: call it on every
+    rank, e.g. once after the evaluation loop with the concatenated outputs.
+
+    Example:
+        ```python
+        preds = torch.cat([model(x).argmax(1) for x, _ in eval_loader])   # uneven="pad"
+        labels = torch.cat([y for _, y in eval_loader])
+        preds, labels = hi.gather_rows((preds, labels))   # every sample exactly once
+        ```
+    """
+    b = backend or get_backend()
+    parts = b.allgather_object(_to_cpu(value), timeout=timeout, what="gather_rows()")
+    return _concat(parts)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    raise TypeError(f"gather_rows takes tensors (or dicts, lists, tuples of them), got "
+                    f"{type(value).__name__}")
+
+
+def _concat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
 
 
 def get_backend() -> Backend:

@@ -116,6 +116,16 @@ def test_accelerate_save_state_load_state_resumes_exactly(tmp_path):
     exactly_once_per_epoch(second, n=64, epochs=("1",))
 
 
+def test_pad_evaluation_gathers_every_sample_once_with_gather_rows(tmp_path):
+    """uneven="pad" over 17 samples on 2 ranks: one rank's last batch is empty (which
+    accelerate's gather_for_metrics cannot take); hi.gather_rows gathers every output once."""
+    res = accel("eval", str(tmp_path))
+    assert sorted(res[0]["rows"] + res[1]["rows"]) == [0, 1, 4, 4, 4, 4]
+    for r in res:
+        assert r["error"] is None, r
+        assert sorted(r["gathered"]) == list(range(17)) and r["preds_match"]
+
+
 def test_accelerate_prepare_of_a_dataloader_with_our_sampler_is_refused(tmp_path):
     res = accel("prepare_dataloader", str(tmp_path))
     for r in res:

@@ -19,7 +19,7 @@ N = 64
 
 class Ids(Dataset):
     def __len__(self):
-        return N
+        return 17 if case == "eval" else N
 
     def __getitem__(self, i):
         return {"id": torch.tensor(i), "x": torch.full((4,), float(i))}
@@ -27,10 +27,25 @@ class Ids(Dataset):
 
 acc = accelerate.Accelerator(cpu=True)
 out = {"rank": acc.process_index, "world": acc.num_processes, "seen": {}, "error": None}
+torch.manual_seed(0)  # the same model on every rank
 model = torch.nn.Linear(4, 1)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 try:
-    if case == "prepare_dataloader":
+    if case == "eval":
+        loader = acc.prepare(hi.DistributedLoader(Ids(), batch_size=4, shuffle=False,
+                                                  uneven="pad", timeout=60))
+        ids, preds, rows = [], [], []
+        with torch.no_grad():
+            for batch in loader:
+                rows.append(len(batch["id"]))
+                ids.append(batch["id"])
+                preds.append(model(batch["x"]).squeeze(1))
+        out["rows"] = rows
+        all_ids, all_preds = hi.gather_rows((torch.cat(ids), torch.cat(preds)))
+        out["gathered"] = all_ids.tolist()
+        out["preds_match"] = torch.allclose(
+            all_preds, model(torch.stack([Ids()[i]["x"] for i in all_ids.tolist()])).squeeze(1))
+    elif case == "prepare_dataloader":
         dl = DataLoader(Ids(), batch_size=4, sampler=hi.DistributedSampler(Ids()))
         model, opt, dl = acc.prepare(model, opt, dl)
         list(dl)
