@@ -138,3 +138,12 @@ def test_done_when_one_liner(launcher: str) -> None:
     lines = sorted(ln.split(":")[-1].split() for ln in res.stdout.splitlines()
                    if ln.split(":")[-1].strip().startswith(launcher))
     assert lines == [[launcher, str(r), "3"] for r in range(3)], res.stdout
+
+
+def test_gather_rows_alone_keeps_the_structure_and_refuses_other_values() -> None:
+    t = torch.arange(6).reshape(3, 2)
+    out = hi.gather_rows({"a": t, "b": (torch.zeros(0), torch.ones(3))})
+    assert torch.equal(out["a"], t) and out["b"][0].shape == (0,)
+    assert torch.equal(out["b"][1], torch.ones(3))
+    with pytest.raises(TypeError, match="gather_rows takes tensors"):
+        hi.gather_rows([1, 2])
