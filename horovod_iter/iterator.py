@@ -109,10 +109,14 @@ def fetching_ahead(depth: int = 16) -> Callable[[], int] | None:
     """If a framework's fetch-ahead consumer is calling ``iter()`` on the loader (found in
     the caller's frames, once per pass), a function giving how many batches it holds."""
     frame: FrameType | None = sys._getframe(2)
+    modules = {m for m, _ in _FETCHERS}
     for _ in range(depth):
         if frame is None:
             return None
-        obj = frame.f_locals.get("self")
+        # only a known library's frames: reading f_locals keeps a snapshot of the frame's
+        # locals alive on it (of a trainer's frame: its previous iterator, workers and all)
+        obj = (frame.f_locals.get("self") if frame.f_globals.get("__name__") in modules
+               else None)
         if obj is not None and (type(obj).__module__, type(obj).__qualname__) in _FETCHERS:
             ref = weakref.ref(obj)
             return lambda: len(getattr(ref(), "batches", None) or ())

@@ -134,8 +134,10 @@ _RESHARDERS = {
     ("lightning_fabric.utilities.distributed", "_DatasetSamplerWrapper"):
         "Lightning's DistributedSamplerWrapper",
     ("catalyst.data.dataset.torch", "DatasetFromSampler"): "catalyst's DistributedSamplerWrapper",
-    ("torch.utils.data.distributed", "DistributedSampler"): "torch's DistributedSampler",
 }
+
+
+_WRAPPER_PACKAGES = {m.split(".")[0] for m, _ in _RESHARDERS} - {"torch"}
 
 
 def _resharded_by(sampler: DistributedSampler, depth: int = 12) -> str | None:
@@ -145,7 +147,10 @@ def _resharded_by(sampler: DistributedSampler, depth: int = 12) -> str | None:
     for _ in range(depth):
         if frame is None:
             return None
-        obj = frame.f_locals.get("self")
+        # only a known wrapper's frames: reading f_locals keeps a snapshot of the frame's
+        # locals alive on it (of a trainer's frame: its previous iterator, workers and all)
+        module = frame.f_globals.get("__name__", "")
+        obj = frame.f_locals.get("self") if module.split(".")[0] in _WRAPPER_PACKAGES else None
         if obj is not None and obj is not sampler and not isinstance(obj, DistributedSampler):
             for cls in type(obj).__mro__:
                 what = _RESHARDERS.get((cls.__module__, cls.__qualname__))

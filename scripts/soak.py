@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import threading
+import time
 
 import psutil
 import torch
@@ -38,6 +39,12 @@ class PerSample(Dataset):
 
 def figures(device: torch.device) -> dict:
     p = psutil.Process()
+    # let what is already ending end: multiprocessing's queue feeder threads and the worker
+    # processes of a pass just closed finish asynchronously (torch's shutdown does not wait
+    # for them); a leak stays, and still counts
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and (threading.active_count() > 1 or p.children()):
+        time.sleep(0.01)
     return {"rss_mb": p.memory_info().rss / 2**20, "threads": threading.active_count(),
             "os_threads": p.num_threads(), "fds": p.num_fds(), "children": len(p.children()),
             "cuda_mb": (torch.cuda.memory_allocated(device) / 2**20
