@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections.abc import Mapping, MutableMapping
+from types import FrameType
 from typing import Any, Callable, NoReturn
 
 import numpy as np
@@ -142,3 +144,36 @@ class ErrorBox:
 
     def reraise(self) -> NoReturn:
         raise self.exc
+
+
+def concat_rows(trees: list[Any]) -> Any:
+    """Trees of the same structure with tensor leaves only, concatenated leaf by leaf along
+    dim 0 (in list order); raises ``TypeError`` naming a leaf that is not a tensor."""
+    def check(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected tensors (or dicts, lists, tuples of them), got a leaf "
+                            f"of type {type(x).__name__}")
+        return x
+
+    _walk(trees[0], check, lambda x: not _is_container(x))
+    columns = iter([torch.cat(ts) for ts in zip(*(tree_leaves(t) for t in trees))])
+    return tree_map(lambda _: next(columns), trees[0])
+
+
+def caller_self(match: Callable[[Any], bool], modules: set[str], skip: int = 2,
+                depth: int = 16) -> Any:
+    """The ``self`` of the nearest caller frame whose module is in ``modules`` (a package
+    name or a dotted module) and for which ``match(self)`` holds, or None. Only those
+    modules' frames are read: ``f_locals`` leaves a snapshot of a frame's locals on it, and
+    of a trainer's frame that would keep its previous iterator (and its workers) alive."""
+    frame: FrameType | None = sys._getframe(skip)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        module = frame.f_globals.get("__name__", "")
+        if module in modules or module.split(".")[0] in modules:
+            obj = frame.f_locals.get("self")
+            if obj is not None and match(obj):
+                return obj
+        frame = frame.f_back
+    return None

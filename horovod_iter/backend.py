@@ -17,7 +17,7 @@ is ending on an uncaught exception leaves with ``os._exit`` (status 1) after flu
 output, ahead of Horovod's own exit handlers.
 The Horovod and torch.distributed backends live in `backend_horovod` and
 `backend_torch`, imported only when chosen. This module imports nothing of the
-library but `errors`.
+library but `errors` and `_tree`.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from ._tree import concat_rows, tree_map
 from .errors import BackendError, DataTimeoutError, HorovodIterError, RankFailureError
 
 __all__ = [
@@ -502,29 +503,13 @@ def gather_rows(value: Any, *, backend: Backend | None = None,
         preds, labels = hi.gather_rows((preds, labels))   # every sample exactly once
         ```
     """
+    mine = tree_map(lambda t: t.detach().cpu(), value)
+    try:
+        concat_rows([mine])  # the same check on every rank, before the collective
+    except TypeError as e:
+        raise TypeError(f"gather_rows: {e}") from None
     b = backend or get_backend()
-    parts = b.allgather_object(_to_cpu(value), timeout=timeout, what="gather_rows()")
-    return _concat(parts)
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    raise TypeError(f"gather_rows takes tensors (or dicts, lists, tuples of them), got "
-                    f"{type(value).__name__}")
-
-
-def _concat(parts: list[Any]) -> Any:
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(first, dict):
-        return {k: _concat([p[k] for p in parts]) for k in first}
-    return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    return concat_rows(b.allgather_object(mine, timeout=timeout, what="gather_rows()"))
 
 
 def get_backend() -> Backend:

@@ -14,18 +14,16 @@ import collections
 import dataclasses
 import functools
 import logging
-import sys
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import backend as _backend
-from ._tree import first_tensor
+from ._tree import caller_self, first_tensor
 from .errors import OutOfRangeError
 from .fetch import HostSource
 from .gather import BatchFetcher
@@ -105,23 +103,16 @@ _FETCHERS = {("lightning.pytorch.loops.fetchers", "_PrefetchDataFetcher"),
              ("pytorch_lightning.loops.fetchers", "_PrefetchDataFetcher")}
 
 
-def fetching_ahead(depth: int = 16) -> Callable[[], int] | None:
+def fetching_ahead() -> Callable[[], int] | None:
     """If a framework's fetch-ahead consumer is calling ``iter()`` on the loader (found in
     the caller's frames, once per pass), a function giving how many batches it holds."""
-    frame: FrameType | None = sys._getframe(2)
-    modules = {m for m, _ in _FETCHERS}
-    for _ in range(depth):
-        if frame is None:
-            return None
-        # only a known library's frames: reading f_locals keeps a snapshot of the frame's
-        # locals alive on it (of a trainer's frame: its previous iterator, workers and all)
-        obj = (frame.f_locals.get("self") if frame.f_globals.get("__name__") in modules
-               else None)
-        if obj is not None and (type(obj).__module__, type(obj).__qualname__) in _FETCHERS:
-            ref = weakref.ref(obj)
-            return lambda: len(getattr(ref(), "batches", None) or ())
-        frame = frame.f_back
-    return None
+    fetcher = caller_self(
+        lambda obj: (type(obj).__module__, type(obj).__qualname__) in _FETCHERS,
+        {m for m, _ in _FETCHERS}, skip=3)
+    if fetcher is None:
+        return None
+    ref = weakref.ref(fetcher)
+    return lambda: len(getattr(ref(), "batches", None) or ())
 
 
 def _rows(batch: Any) -> int:

@@ -15,15 +15,14 @@ a `Cursor` (a plan frozen at ``iter()`` plus the slots taken so far). Semantics:
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Iterator, Mapping, Sized
-from types import FrameType
 from typing import Any
 
 import numpy as np
 from torch.utils.data.distributed import DistributedSampler as _TorchDistributedSampler
 
 from . import backend as _backend
+from ._tree import caller_self
 from .errors import ShardingError
 from .plan import EpochPlan
 
@@ -137,27 +136,25 @@ _RESHARDERS = {
 }
 
 
-_WRAPPER_PACKAGES = {m.split(".")[0] for m, _ in _RESHARDERS} - {"torch"}
+def _resharded_by(sampler: DistributedSampler) -> str | None:
+    """What the distributed wrapper (of another world than 1) iterating ``sampler`` is to
+    the user, if one is (the caller's frames are inspected once per ``iter()``)."""
+    def resharder(obj: Any) -> bool:
+        if obj is sampler or isinstance(obj, DistributedSampler):
+            return False
+        world = getattr(obj, "num_processes", getattr(obj, "num_replicas", 2))
+        return isinstance(world, int) and world > 1 and _what(obj) is not None
+
+    wrapper = caller_self(resharder, {m.split(".")[0] for m, _ in _RESHARDERS}, skip=3,
+                          depth=12)
+    return None if wrapper is None else _what(wrapper)
 
 
-def _resharded_by(sampler: DistributedSampler, depth: int = 12) -> str | None:
-    """The distributed wrapper (of another world than 1) iterating ``sampler``, if any: the
-    frames of the caller are inspected once per ``iter()`` (a few microseconds)."""
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        # only a known wrapper's frames: reading f_locals keeps a snapshot of the frame's
-        # locals alive on it (of a trainer's frame: its previous iterator, workers and all)
-        module = frame.f_globals.get("__name__", "")
-        obj = frame.f_locals.get("self") if module.split(".")[0] in _WRAPPER_PACKAGES else None
-        if obj is not None and obj is not sampler and not isinstance(obj, DistributedSampler):
-            for cls in type(obj).__mro__:
-                what = _RESHARDERS.get((cls.__module__, cls.__qualname__))
-                world = getattr(obj, "num_processes", getattr(obj, "num_replicas", 2))
-                if what is not None and isinstance(world, int) and world > 1:
-                    return what
-        frame = frame.f_back
+def _what(obj: Any) -> str | None:
+    for cls in type(obj).__mro__:
+        what = _RESHARDERS.get((cls.__module__, cls.__qualname__))
+        if what is not None:
+            return what
     return None
 
 

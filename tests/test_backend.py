@@ -145,5 +145,5 @@ def test_gather_rows_alone_keeps_the_structure_and_refuses_other_values() -> Non
     out = hi.gather_rows({"a": t, "b": (torch.zeros(0), torch.ones(3))})
     assert torch.equal(out["a"], t) and out["b"][0].shape == (0,)
     assert torch.equal(out["b"][1], torch.ones(3))
-    with pytest.raises(TypeError, match="gather_rows takes tensors"):
+    with pytest.raises(TypeError, match="gather_rows: expected tensors"):
         hi.gather_rows([1, 2])
