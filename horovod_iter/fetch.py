@@ -306,6 +306,20 @@ class _WorkerSource(HostSource):
 _PR_SET_PDEATHSIG = 1
 
 
+def _find_prctl() -> Any:
+    """libc's ``prctl``, looked up here in the parent: a ``dlopen``/``dlsym`` in a forked
+    worker could deadlock on the loader's lock if another thread held it at the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no prctl: torch's own watchdog remains
+        return None
+
+
+_prctl = _find_prctl()
+
+
 class _WorkerInit:
     """Runs first in each DataLoader worker of ours: the worker dies with its rank (Linux's
     parent-death signal), so a rank killed or ended by its launcher leaves no worker behind
@@ -315,12 +329,8 @@ class _WorkerInit:
         self.user = user
 
     def __call__(self, worker_id: int) -> None:
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-            except (OSError, AttributeError):  # no prctl: torch's own watchdog remains
-                pass
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if self.user is not None:
             self.user(worker_id)
 
