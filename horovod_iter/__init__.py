@@ -8,6 +8,7 @@ Public API (everything else is private and may change):
   allreduce-synchronised end of data -> CUDA-stream prefetch.
 * ``DistributedSampler``: disjoint epoch-seeded slices, O(1) memory, exact resume.
 * ``LengthGroupedBatchSampler``: distributed batches of similar lengths, resumable anywhere.
+* ``mask_labels``, ``flag_padding``: mark the rows ``even_batches=True`` pads with.
 * ``EpochPlan``: the pure layout of an epoch over the ranks.
 * ``CudaPrefetcher``: side-stream host->GPU prefetch around any iterable.
 * ``ShardedDataset``: streaming shards, each read once over the world, resumable on any world.
@@ -38,6 +39,7 @@ from .errors import (
 from .fetch import shard
 from .iterator import DistributedIterator
 from .loader import DistributedLoader
+from .padding import flag_padding, mask_labels
 from .plan import EpochPlan
 from .prefetch import CudaPrefetcher
 from .sampler import DistributedSampler
@@ -63,9 +65,11 @@ __all__ = [
     "ShardedDataset",
     "ShardingError",
     "UnevenDataError",
+    "flag_padding",
     "gather_rows",
     "get_backend",
     "init",
+    "mask_labels",
     "shard",
     "shutdown",
 ]

@@ -16,8 +16,8 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 
-__all__ = ["ErrorBox", "empty_like", "first_tensor", "tree_leaves", "tree_map",
-           "tree_structure"]
+__all__ = ["ErrorBox", "batch_rows", "empty_like", "fill_rows", "first_rows", "first_tensor",
+           "tree_leaves", "tree_map", "tree_structure"]
 
 
 def _walk(obj: Any, leaf: Callable[[Any], Any], is_leaf: Callable[[Any], bool]) -> Any:
@@ -129,8 +129,77 @@ def _empty_leaf(x: Any) -> Any:
 def empty_like(batch: Any) -> Any:
     """The same structure with zero rows: tensors and arrays sliced to ``[:0]`` (0-dim ones
     zeroed), lists of per-sample values emptied, other leaves kept."""
-    return _walk(batch, _empty_leaf,
-                 lambda x: isinstance(x, (torch.Tensor, np.ndarray)) or _per_sample_list(x))
+    return _walk(batch, _empty_leaf, _is_row_leaf)
+
+
+def _is_row_leaf(x: Any) -> bool:
+    return isinstance(x, (torch.Tensor, np.ndarray)) or _per_sample_list(x)
+
+
+def batch_rows(batch: Any) -> int:
+    """Rows of a collated batch: the first tensor's or array's leading size, else the length
+    of the first list of per-sample values (0 if it has neither)."""
+    found: list[int] = []
+
+    def rows(x: Any) -> Any:
+        if not found and (not isinstance(x, (torch.Tensor, np.ndarray)) or x.ndim):
+            found.append(len(x))
+        return x
+
+    _walk(batch, rows, _is_row_leaf)
+    return found[0] if found else 0
+
+
+def first_rows(batch: Any, n: int) -> Any:
+    """A copy of the batch's first ``n`` rows (0-dim leaves and other leaves kept)."""
+    def take(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x[:n].clone() if x.ndim else x.clone()
+        if isinstance(x, np.ndarray):
+            return x[:n].copy() if x.ndim else x.copy()
+        return type(x)(x[:n])
+
+    return _walk(batch, take, _is_row_leaf)
+
+
+def _row_leaves(batch: Any) -> list[Any]:
+    """The row-carrying leaves (tensors, arrays, lists of per-sample values) in walk order."""
+    found: list[Any] = []
+
+    def keep(x: Any) -> Any:
+        found.append(x)
+        return x
+
+    _walk(batch, keep, _is_row_leaf)
+    return found
+
+
+def fill_rows(batch: Any, row: Any, total: int) -> Any:
+    """``batch`` with copies of ``row`` (a one-row batch of the same structure) appended
+    until it has ``total`` rows; 0-dim leaves keep the batch's value. Raises ``ValueError``
+    naming the leaf whose shape the row does not match."""
+    rows = iter(_row_leaves(row))
+    need = total - batch_rows(batch)
+
+    def fill(x: Any) -> Any:
+        r = next(rows)
+        if need <= 0:
+            return x
+        if isinstance(x, (torch.Tensor, np.ndarray)):
+            if not x.ndim:
+                return x
+            if tuple(r.shape[1:]) != tuple(x.shape[1:]) or len(r) < 1:
+                raise ValueError(
+                    f"cannot fill a batch leaf of shape {tuple(x.shape)} with a padding row of "
+                    f"shape {tuple(r.shape)}: even_batches needs rows of one shape per rank "
+                    "(a collate_fn that pads to the batch's longest sample gives other shapes "
+                    "once a rank runs out; pad to a fixed length instead)")
+            if isinstance(x, torch.Tensor):
+                return torch.cat([x, r[:1].to(x.dtype).expand(need, *r.shape[1:])])
+            return np.concatenate([x, np.repeat(r[:1].astype(x.dtype), need, axis=0)])
+        return type(x)(list(x) + [r[0]] * need)
+
+    return _walk(batch, fill, _is_row_leaf)
 
 
 class ErrorBox:

@@ -149,7 +149,9 @@ class DistributedIterator:
             self._sync = EndOfDataSync(
                 source, backend, loader.uneven, loader.sync_timeout,
                 name=f"horovod_iter.{loader.id}", ops=loader.messages, serial=serial,
-                config=loader.config(), empty=empty, num_batches=source.num_batches)
+                config=loader.config(), empty=empty, num_batches=source.num_batches,
+                even_rows=pass_.batch_size if loader.even_batches else None,
+                mark_padding=loader.mark_padding)
         except BaseException:
             source.close()
             raise

@@ -43,6 +43,7 @@ from .loader_config import (
     check_arguments,
     check_batch_sampler,
     check_even,
+    check_even_batches,
     check_worker_options,
     loader_sampler,
     positive_int,
@@ -131,6 +132,13 @@ class DistributedLoader:
             ``"pad"`` (ranks that ran out yield empty batches until all are done; every sample
             exactly once - for evaluation) or ``"error"`` (raise `UnevenDataError` on
             every rank instead of padding or stopping).
+        even_batches: with ``uneven="pad"``, every batch has ``batch_size`` rows on every
+            rank (filled with copies of real rows instead of short or empty batches), so
+            that gathers of equal shapes - ``accelerator.gather_for_metrics``, HF
+            ``Trainer.evaluate()``, ``all_gather`` - take them. Needs ``mark_padding``.
+        mark_padding: ``mark_padding(batch, mask) -> batch`` marks the copies (``mask``: a
+            bool tensor, True for a padding row), called on every batch:
+            `mask_labels` (labels -100, HF's "ignore") or `flag_padding` (a mask key).
         backend: a `Backend`, or a backend name for `init()`.
         progress: show a progress bar on rank 0 (tqdm if installed, else INFO log lines under
             the ``horovod_iter`` logger) and log the pass's `stats()` at its end.
@@ -161,7 +169,9 @@ class DistributedLoader:
                  global_batch_size: int | None = None, seed: int | None = 0,
                  device: Any = None, prefetch: int = 2,
                  device_transform: Callable[[Any], Any] | None = None,
-                 uneven: Uneven = "stop", backend: Backend | str | None = None,
+                 uneven: Uneven = "stop", even_batches: bool = False,
+                 mark_padding: Callable[[Any, torch.Tensor], Any] | None = None,
+                 backend: Backend | str | None = None,
                  progress: bool = False, log_stats: bool = True) -> None:
         self._backend_arg = backend
         self._backend = backend if isinstance(backend, Backend) else (
@@ -212,6 +222,10 @@ class DistributedLoader:
                         timeout=timeout, drop_last=drop_last, progress=progress,
                         log_stats=log_stats, shuffle=shuffle,
                         device_transform=device_transform)
+        check_even_batches(even_batches, mark_padding, uneven=uneven,
+                           batch_sampler=batch_sampler is not None)
+        self.even_batches = even_batches
+        self.mark_padding = mark_padding
         if not isinstance(persistent_workers, bool):
             raise TypeError(f"persistent_workers must be a bool, got {persistent_workers!r}")
         if persistent_workers and (num_workers == 0 or isinstance(dataset, IterableDataset)):
@@ -388,6 +402,7 @@ class DistributedLoader:
             "batch_sampler": None if self._batch_sampler is None else
             type(self._batch_sampler).__qualname__,
             "uneven": self.uneven, "drop_last": self.drop_last, "epoch": self.epoch,
+            "even_batches": self.even_batches,
             "iteration": self._iterations,
             "sampler": None if own is None else own.state_dict(),
         }

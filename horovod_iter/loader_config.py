@@ -16,7 +16,8 @@ from .sampler import DistributedSampler, is_int
 from .sync import UNEVEN
 
 __all__ = ["UNSET", "Unset", "check_arguments", "check_batch_sampler", "check_even",
-           "check_worker_options", "loader_sampler", "positive_int", "warn_foreign_world"]
+           "check_even_batches", "check_worker_options", "loader_sampler", "positive_int",
+           "warn_foreign_world"]
 
 
 class Unset:
@@ -57,6 +58,36 @@ def check_arguments(*, uneven: Any, prefetch: Any, num_workers: Any, timeout: An
     if uneven == "pad" and drop_last:
         raise ValueError("uneven='pad' counts every sample exactly once and drop_last=True "
                          "drops samples; choose one")
+
+
+def check_even_batches(even_batches: Any, mark_padding: Any, *, uneven: str,
+               batch_sampler: bool) -> None:
+    """``even_batches`` fills padded batches with copies of real rows: only with ``pad``, a
+    fixed batch size, and a ``mark_padding`` that tells the copies apart (else they would
+    count twice, silently)."""
+    if not isinstance(even_batches, bool):
+        raise TypeError(f"even_batches must be a bool, got {even_batches!r}")
+    if mark_padding is not None and not callable(mark_padding):
+        raise TypeError(f"mark_padding must be callable (batch, mask) -> batch, got "
+                        f"{mark_padding!r}")
+    if not even_batches:
+        if mark_padding is not None:
+            raise ValueError("mark_padding marks the rows that even_batches=True adds; pass "
+                             "even_batches=True with it (with uneven='pad'), or drop it")
+        return
+    if uneven != "pad":
+        raise ValueError(f"even_batches=True fills the padding of uneven='pad'; got "
+                         f"uneven={uneven!r} (whose batches are already alike on every rank)")
+    if batch_sampler:
+        raise ValueError("even_batches=True fills batches to batch_size rows, and a "
+                         "batch_sampler's batches have no fixed size; use batch_size, or "
+                         "uneven='pad' without even_batches and gather with hi.gather_rows")
+    if mark_padding is None:
+        raise ValueError(
+            "even_batches=True repeats real rows to fill batches, and they would count twice "
+            "in metrics; pass mark_padding=hi.mask_labels() (labels of copies -100, what HF "
+            "losses and metrics ignore) or mark_padding=hi.flag_padding() (a bool 'padding' "
+            "key), or your own (batch, mask) -> batch")
 
 
 def loader_sampler(dataset: Any, sampler: Sampler[Any] | None, backend: Backend, *,

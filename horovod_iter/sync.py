@@ -46,7 +46,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ._tree import ErrorBox, empty_like, tree_leaves
+from ._tree import ErrorBox, batch_rows, empty_like, fill_rows, first_rows, tree_leaves
 from .backend import AsyncHandle, Backend
 from .errors import ConfigMismatchError, RankFailureError, SampleError, UnevenDataError
 
@@ -129,6 +129,12 @@ class EndOfDataSync(Iterator[Any]):
             copy the structure from.
         num_batches: this rank's batch count, when known up front (map-style data).
         every: steps between heartbeats (and look-ahead reports).
+        even_rows: with ``pad``, fill every batch to this many rows with copies of a real row
+            (its own first row; for an empty batch, the first row of a batch seen before or of
+            another rank's), so that every rank's batch has the same shape at every step.
+        mark_padding: with ``even_rows``, ``mark_padding(batch, mask)`` returns the batch with
+            its padding rows marked (``mask``: bool, one per row, True for a copy); called on
+            every batch, so that the marks are in every batch alike.
     """
 
     def __init__(self, source: Iterator[Any], backend: Backend, uneven: Uneven = "stop",
@@ -136,7 +142,8 @@ class EndOfDataSync(Iterator[Any]):
                  ops: Iterator[int] | None = None, serial: int = 0,
                  config: Mapping[str, Any] | None = None,
                  empty: Callable[[], Any] | None = None, num_batches: int | None = None,
-                 every: int = _MAX_EVERY) -> None:
+                 every: int = _MAX_EVERY, even_rows: int | None = None,
+                 mark_padding: Callable[[Any, torch.Tensor], Any] | None = None) -> None:
         if uneven not in UNEVEN:
             raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
         if not isinstance(every, int) or every < 1:
@@ -151,7 +158,9 @@ class EndOfDataSync(Iterator[Any]):
         self.num_batches = num_batches
         self._config = config
         self._empty = empty
-        self._template: Any = None
+        self._even_rows = even_rows
+        self._mark = mark_padding
+        self._template: Any = None   # pad: an empty copy of a batch (one row with even_rows)
         self._step = 0
         self._buffer: collections.deque[Any] = collections.deque()  # pulled, not handed
         self._pulled = 0                      # batches pulled (iterable) from the pass start
@@ -196,8 +205,7 @@ class EndOfDataSync(Iterator[Any]):
                 return
             if self._batch_bytes is None:
                 self._batch_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(batch))
-            if self._template is None and self.uneven == "pad":
-                self._template = empty_like(batch)  # a copy: the trainer may change the batch
+            self._remember(batch)
             self._buffer.append(batch)
             self._pulled += 1
 
@@ -311,7 +319,37 @@ class EndOfDataSync(Iterator[Any]):
         if decision == "stop":
             self._end(s)
         self._step = s + 1
-        return self._take(s, decision)
+        batch = self._take(s, decision)
+        return batch if self._even_rows is None else self._even(batch, s)
+
+    def _remember(self, batch: Any) -> None:
+        """Keep what a padding batch is made from (a copy: the trainer may change the batch
+        it gets, e.g. pop a key), only where one may be needed."""
+        if self._template is None and self.uneven == "pad":
+            self._template = (empty_like(batch) if self._even_rows is None
+                              else first_rows(batch, 1))
+
+    def _even(self, batch: Any, s: int) -> Any:
+        """``batch`` filled to ``even_rows`` rows with copies of a real row, then marked."""
+        rows, want = batch_rows(batch), self._even_rows
+        assert want is not None
+        if rows > want:
+            self._finish()
+            raise ValueError(
+                f"rank {self.backend.rank}: even_batches fills batches to {want} rows, but the "
+                f"batch of step {s} has {rows}: the collate_fn or dataset makes more rows than "
+                "batch_size; pass the batch size the batches really have")
+        if rows < want:
+            row = first_rows(batch, 1) if rows else self._template
+            if row is None or batch_rows(row) < 1:
+                self._finish()
+                raise UnevenDataError(
+                    f"rank {self.backend.rank}: even_batches needs a real row to fill step {s} "
+                    "with, but no rank had a batch with rows")
+            batch = fill_rows(batch, row, want)
+        mask = torch.zeros(want, dtype=torch.bool)
+        mask[rows:] = True
+        return self._mark(batch, mask) if self._mark is not None else batch
 
     def _decide(self, s: int) -> str | None:
         """What step ``s`` is, from the completed messages (the same on every rank), or None
@@ -378,10 +416,7 @@ class EndOfDataSync(Iterator[Any]):
                 f"rank {self.backend.rank}: expected {self.num_batches} batches but the source "
                 f"ended after {s}; did the dataset's length change during the epoch, or does "
                 "the sampler yield fewer indices than its len()?")
-        if self._template is None and self.uneven == "pad":
-            # an empty copy (the trainer may change the batch it gets, e.g. pop a key),
-            # kept only where an empty batch may be needed
-            self._template = empty_like(batch)
+        self._remember(batch)
         return batch
 
     def _end(self, s: int) -> None:

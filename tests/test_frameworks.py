@@ -3,6 +3,8 @@ sample exactly once per epoch, and across the framework's own mid-epoch checkpoi
 (docs/frameworks.md has the recipes these tests hold.)"""
 from __future__ import annotations
 
+import math
+
 import pytest
 from harness import launch
 
@@ -84,6 +86,17 @@ def test_hf_trainer_trains_every_sample_once_and_evaluates(tmp_path):
     assert all(r["eval_loss"] is not None for r in res)
 
 
+def test_hf_trainer_evaluate_with_an_even_batches_pad_loader_is_exact(tmp_path):
+    """Trainer.evaluate() over uneven="pad" + even_batches=True + mask_labels(): 17 samples
+    on 2 ranks (one rank's last batch all copies): no gather error, compute_metrics sees 17
+    labels that are not -100, every sample evaluated once, eval_loss finite (HF drops the
+    NaN loss of an all-padding batch)."""
+    res = hf("eval_pad", str(tmp_path))
+    assert sorted(res[0]["eval"] + res[1]["eval"]) == list(range(17))
+    for r in res:
+        assert r["eval_count"] == 17 and math.isfinite(r["eval_loss"]), r
+
+
 def test_hf_trainer_resume_from_checkpoint_is_exactly_once(tmp_path):
     """save_steps=5, stopped at step 11 (epoch 1, step 3); resume_from_checkpoint=True
     continues from step 10: HF re-batches the rest of epoch 1 from loader.batch_sampler
@@ -123,6 +136,17 @@ def test_pad_evaluation_gathers_every_sample_once_with_gather_rows(tmp_path):
     assert sorted(res[0]["rows"] + res[1]["rows"]) == [0, 1, 4, 4, 4, 4]
     for r in res:
         assert r["error"] is None, r
+        assert sorted(r["gathered"]) == list(range(17)) and r["preds_match"]
+
+
+def test_even_batches_evaluation_works_with_gather_for_metrics(tmp_path):
+    """even_batches=True: every batch 4 rows on both ranks (the empty and short ones filled
+    with flagged copies), so accelerate's gather_for_metrics takes them; dropping the flagged
+    rows leaves every sample once."""
+    res = accel("eval_even", str(tmp_path))
+    for r in res:
+        assert r["error"] is None, r
+        assert r["rows"] == [4, 4, 4]
         assert sorted(r["gathered"]) == list(range(17)) and r["preds_match"]
 
 

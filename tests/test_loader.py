@@ -50,6 +50,25 @@ def test_pad_rank_without_any_data_gets_well_formed_empty_batches(launcher, work
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("data", ["map", "iter"])
+def test_even_batches_have_one_shape_everywhere_and_mark_the_copies(launcher, data):
+    """even_batches=True: every batch has batch_size rows on every rank (what gathers of
+    equal shapes need); the copies are flagged, and the real rows are every sample once - a
+    rank with no data at all included (its rows copy another rank's row)."""
+    cfg = dict(data="iter", lengths=[7, 12, 5, 0]) if data == "iter" else dict(n=23)
+    res = run(launcher, 4 if data == "iter" else 3, **cfg, batch_size=4, uneven="pad",
+              even=True, scalar_leaf=True)
+    assert [r["error"] for r in res] == [None] * len(res)
+    steps = 3 if data == "iter" else 2
+    assert [r["rows"] for r in res] == [[4] * steps] * len(res)
+    total = 24 if data == "iter" else 23
+    assert sorted(i for r in res for i in flat(r["batches"])) == list(range(total))
+    if data == "iter":
+        assert res[3]["batches"] == [[]] * 3 and res[3]["stats"]["padded_steps"] == 3
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_pad_with_a_zero_dim_leaf(launcher):
     res = run(launcher, 2, data="iter", lengths=[2, 9], batch_size=2, uneven="pad",
               scalar_leaf=True)
@@ -365,6 +384,15 @@ def test_dataset_error_names_index_and_rank():
     ({"batch_size": 2, "timeout": -5}, ValueError, "timeout must be a positive number"),
     ({"batch_size": 2, "uneven": "pad", "drop_last": True}, ValueError, "choose one"),
     ({"batch_size": 2, "device": "cuda:0"}, ValueError, "CUDA is not available"),
+    ({"batch_size": 2, "even_batches": True}, ValueError, "fills the padding of uneven='pad'"),
+    ({"batch_size": 2, "uneven": "pad", "even_batches": True}, ValueError,
+     "pass mark_padding=hi.mask_labels()"),
+    ({"batch_size": 2, "mark_padding": hi.mask_labels()}, ValueError,
+     "pass even_batches=True with it"),
+    ({"batch_size": 2, "uneven": "pad", "even_batches": 1}, TypeError,
+     "even_batches must be a bool"),
+    ({"batch_sampler": [[0, 1]], "uneven": "pad", "even_batches": True,
+      "mark_padding": hi.flag_padding()}, ValueError, "no fixed size"),
 ])
 def test_bad_loader_arguments(kwargs, exc, match):
     if "device" in kwargs and torch.cuda.is_available():
@@ -372,6 +400,22 @@ def test_bad_loader_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         loader = hi.DistributedLoader(tds(), **kwargs)
         iter(loader)
+
+
+def test_padding_markers():
+    """mask_labels sets the copies' labels to -100 (dict and tuple batches, per-token labels
+    too); flag_padding adds a bool key; both name the fix for a batch they cannot mark."""
+    mask = torch.tensor([False, True, True])
+    out = hi.mask_labels()({"labels": torch.tensor([1, 2, 3]), "x": torch.zeros(3)}, mask)
+    assert out["labels"].tolist() == [1, -100, -100]
+    tokens = hi.mask_labels(key=1, value=-1)((torch.zeros(3), torch.ones(3, 2).long()), mask)
+    assert tokens[1].tolist() == [[1, 1], [-1, -1], [-1, -1]]
+    flagged = hi.flag_padding()({"x": torch.zeros(3)}, mask)
+    assert flagged["padding"].tolist() == [False, True, True]
+    with pytest.raises(KeyError, match="no entry 'labels'"):
+        hi.mask_labels()({"y": torch.zeros(3)}, mask)
+    with pytest.raises(TypeError, match="adds a key to a dict batch"):
+        hi.flag_padding()((torch.zeros(3),), mask)
 
 
 def test_bad_loader_states():

@@ -1,8 +1,10 @@
 """HF Accelerate under torchrun, 2 ranks on CPU: accelerator.prepare() passes a
 hi.DistributedLoader through untouched; registered for checkpointing, save_state/load_state
-resume it exactly. argv[1]: ``save`` (6 steps of epoch 0, then save_state) or ``resume``
-(load_state, then the rest of epochs 0 and 1), or ``prepare_dataloader`` (accelerate's own
-DataLoader with our sampler: refused); argv[2]: the state folder."""
+resume it exactly. ``eval`` (uneven="pad", gathered with hi.gather_rows) and ``eval_even``
+(even_batches=True, gathered with accelerator.gather_for_metrics). argv[1]: ``save`` (6 steps
+of epoch 0, then save_state) or ``resume`` (load_state, then the rest of epochs 0 and 1), or
+``prepare_dataloader`` (accelerate's own DataLoader with our sampler: refused);
+argv[2]: the state folder."""
 import os
 import sys
 
@@ -19,7 +21,7 @@ N = 64
 
 class Ids(Dataset):
     def __len__(self):
-        return 17 if case == "eval" else N
+        return 17 if case.startswith("eval") else N
 
     def __getitem__(self, i):
         return {"id": torch.tensor(i), "x": torch.full((4,), float(i))}
@@ -42,6 +44,23 @@ try:
                 preds.append(model(batch["x"]).squeeze(1))
         out["rows"] = rows
         all_ids, all_preds = hi.gather_rows((torch.cat(ids), torch.cat(preds)))
+        out["gathered"] = all_ids.tolist()
+        out["preds_match"] = torch.allclose(
+            all_preds, model(torch.stack([Ids()[i]["x"] for i in all_ids.tolist()])).squeeze(1))
+    elif case == "eval_even":  # accelerate's own gather: equal shapes, the copies flagged
+        loader = acc.prepare(hi.DistributedLoader(
+            Ids(), batch_size=4, shuffle=False, uneven="pad", timeout=60, even_batches=True,
+            mark_padding=hi.flag_padding()))
+        gathered, rows = [], []
+        with torch.no_grad():
+            for batch in loader:
+                rows.append(len(batch["id"]))
+                ids, preds, pad = acc.gather_for_metrics(
+                    (batch["id"], model(batch["x"]).squeeze(1), batch["padding"]))
+                gathered.append((ids[~pad], preds[~pad]))
+        out["rows"] = rows
+        all_ids = torch.cat([i for i, _ in gathered])
+        all_preds = torch.cat([p for _, p in gathered])
         out["gathered"] = all_ids.tolist()
         out["preds_match"] = torch.allclose(
             all_preds, model(torch.stack([Ids()[i]["x"] for i in all_ids.tolist()])).squeeze(1))

@@ -2,11 +2,13 @@
 download); the training data is a hi.DistributedLoader returned by get_train_dataloader().
 argv[1]: ``train`` (2 epochs, then evaluate with HF's own evaluation data loader) or
 ``save``/``resume`` (save_steps=5, stop at step 11, in epoch 1; then resume_from_checkpoint
-from step 10); argv[2]: the output folder.
+from step 10), or ``eval_pad`` (evaluate() only, over a hi.DistributedLoader with
+uneven="pad", even_batches=True, mark_padding=hi.mask_labels()); argv[2]: the output folder.
 Each rank reports the sample ids its training_step saw per epoch, and the evaluation ids."""
 import os
 import sys
 
+import numpy as np
 import torch
 import transformers
 from harness import report
@@ -15,7 +17,7 @@ from toy_data import Mapped
 import horovod_iter as hi
 
 case, folder = sys.argv[1], sys.argv[2]
-N, VAL = 64, 18
+N, VAL = 64, (17 if case == "eval_pad" else 18)
 
 
 def Ids(n):  # a dataset of these samples
@@ -36,6 +38,13 @@ class Trainer(transformers.Trainer):
     def get_train_dataloader(self):
         return hi.DistributedLoader(self.train_dataset, batch_size=4, timeout=60)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        if case != "eval_pad":
+            return super().get_eval_dataloader(eval_dataset)
+        return hi.DistributedLoader(self.eval_dataset, batch_size=4, shuffle=False,
+                                    uneven="pad", even_batches=True,
+                                    mark_padding=hi.mask_labels(), timeout=60)
+
     def training_step(self, model, inputs, *a, **kw):
         epoch = str(int(self.state.epoch or 0))
         seen.setdefault(epoch, []).extend(inputs.pop("idx").tolist())
@@ -43,10 +52,18 @@ class Trainer(transformers.Trainer):
 
     def prediction_step(self, model, inputs, *a, **kw):
         idx = inputs.pop("idx", None)
+        if idx is not None and case == "eval_pad":
+            idx = idx[inputs["labels"] != -100]  # the copies even_batches adds are marked
         evaluated.extend([] if idx is None else idx.tolist())
         if idx is None:
             print(f"rank {os.environ['RANK']}: eval batch without idx: {inputs}", flush=True)
         return super().prediction_step(model, inputs, *a, **kw)
+
+
+def compute_metrics(p):  # HF's recipe: rows labelled -100 are not samples
+    keep = p.label_ids != -100
+    return {"count": int(keep.sum()),
+            "accuracy": float((np.argmax(p.predictions, -1)[keep] == p.label_ids[keep]).mean())}
 
 
 config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
@@ -60,13 +77,15 @@ args = transformers.TrainingArguments(
     logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
     ddp_backend="gloo", dataloader_num_workers=0)
 trainer = Trainer(model=model, args=args, train_dataset=Ids(N), eval_dataset=Ids(VAL),
-                  callbacks=[Stop()])
+                  callbacks=[Stop()],
+                  compute_metrics=compute_metrics if case == "eval_pad" else None)
 if case == "resume":
     trainer.train(resume_from_checkpoint=True)
-else:
+elif case != "eval_pad":
     trainer.train()
-metrics = trainer.evaluate() if case == "train" else {}
+metrics = trainer.evaluate() if case in ("train", "eval_pad") else {}
 report({"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]), "seen": seen,
-        "eval": evaluated, "eval_loss": metrics.get("eval_loss")})
+        "eval": evaluated, "eval_loss": metrics.get("eval_loss"),
+        "eval_count": metrics.get("eval_count")})
 sys.stdout.flush()
 os._exit(0)

@@ -9,7 +9,8 @@ that they show their own error), peek_rank (that rank alone peeks a batch first)
 (rank, index: the iterable raises KeyError there), scalar_leaf (batches carry a 0-dim
 "ntok" tensor), device_transform ("double": x doubled by a device transform), getitem_stall
 (rank, call, seconds: that rank's dataset sleeps in its call-th __getitem__), step_sleep
-(seconds of "compute" after each step).
+(seconds of "compute" after each step), even (even_batches=True with hi.flag_padding(): the
+batches' ids are the real rows, "rows" their sizes).
 """
 import json
 import os
@@ -90,6 +91,8 @@ if cfg.get("data", "map") == "map":
     kwargs.update(shuffle=cfg.get("shuffle", True), seed=cfg.get("seed", 0))
 if cfg.get("scalar_leaf"):
     kwargs["collate_fn"] = with_ntok
+if cfg.get("even"):
+    kwargs.update(even_batches=True, mark_padding=hi.flag_padding())
 if cfg.get("device_transform") == "double":
     kwargs["device_transform"] = double
 out.update({"rank": rank, "size": b.size, "local_size": b.local_size, "backend": b.name,
@@ -136,9 +139,13 @@ try:
         assert batch["x"].shape[1:] == (3,) and batch["x"].shape[0] == batch["id"].shape[0]
         factor = 2.0 if cfg.get("device_transform") else 1.0
         assert torch.equal(batch["x"][:, 0], batch["id"].float() * factor)
-        if cfg.get("scalar_leaf"):
+        if cfg.get("scalar_leaf") and not cfg.get("even"):
             assert batch["ntok"].dim() == 0 and int(batch["ntok"]) == batch["id"].shape[0]
-        out["batches"].append(batch["id"].tolist())
+        if cfg.get("even"):
+            out.setdefault("rows", []).append(batch["id"].shape[0])
+            out["batches"].append(batch["id"][~batch["padding"]].tolist())
+        else:
+            out["batches"].append(batch["id"].tolist())
         step += 1
         if cfg.get("step_sleep"):
             time.sleep(cfg["step_sleep"])
