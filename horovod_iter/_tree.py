@@ -16,8 +16,18 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 
-__all__ = ["ErrorBox", "batch_rows", "empty_like", "fill_rows", "first_rows", "first_tensor",
-           "tree_leaves", "tree_map", "tree_structure"]
+__all__ = [
+    "ErrorBox",
+    "batch_rows",
+    "empty_like",
+    "fill_rows",
+    "first_rows",
+    "first_tensor",
+    "host_bytes",
+    "tree_leaves",
+    "tree_map",
+    "tree_structure",
+]
 
 
 def _walk(obj: Any, leaf: Callable[[Any], Any], is_leaf: Callable[[Any], bool]) -> Any:
@@ -200,6 +210,36 @@ def fill_rows(batch: Any, row: Any, total: int) -> Any:
         return type(x)(list(x) + [r[0]] * need)
 
     return _walk(batch, fill, _is_row_leaf)
+
+
+def host_bytes(obj: Any, _depth: int = 0) -> int:
+    """Memory a batch holds, estimated: tensors and arrays by their data, ``bytes``/``str``
+    by ``sys.getsizeof``, containers by their items plus themselves, anything else by
+    ``sys.getsizeof`` (what the iterable look-ahead counts against its budget: a batch of
+    raw JPEG bytes or text is its bytes, not zero)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes) + (sum(host_bytes(v, _depth + 1) for v in obj.flat)
+                                  if obj.dtype == object and _depth < 8 else 0)
+    if isinstance(obj, (str, bytes, bytearray)):
+        return sys.getsizeof(obj)
+    if isinstance(obj, memoryview):
+        return obj.nbytes
+    if _depth >= 8:
+        return sys.getsizeof(obj)
+    if isinstance(obj, Mapping):
+        return sys.getsizeof(obj) + sum(host_bytes(k, _depth + 1) + host_bytes(v, _depth + 1)
+                                        for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sys.getsizeof(obj) + sum(host_bytes(v, _depth + 1) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sys.getsizeof(obj) + sum(host_bytes(getattr(obj, f.name), _depth + 1)
+                                        for f in dataclasses.fields(obj))
+    try:
+        return sys.getsizeof(obj)
+    except TypeError:  # an object without a size: count a pointer's worth
+        return 8
 
 
 class ErrorBox:

@@ -151,7 +151,7 @@ class DistributedIterator:
                 name=f"horovod_iter.{loader.id}", ops=loader.messages, serial=serial,
                 config=loader.config(), empty=empty, num_batches=source.num_batches,
                 even_rows=pass_.batch_size if loader.even_batches else None,
-                mark_padding=loader.mark_padding)
+                mark_padding=loader.mark_padding, lookahead_bytes=loader.lookahead_bytes)
         except BaseException:
             source.close()
             raise
@@ -216,6 +216,8 @@ class DistributedIterator:
             "sync_wait_s": s.wait_s, "h2d_bytes": p.h2d_bytes,
             "h2d_gbps": p.h2d_bytes / elapsed / 1e9 if elapsed else 0.0,
             "padded_steps": s.padded_steps,
+            "lookahead_max_batches": s.lookahead_max_batches,
+            "lookahead_max_bytes": s.lookahead_max_bytes,
         }
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset, Sampler
 
 from .backend import Backend, get_backend, init, is_provisional
 from .batching import LengthGroupedBatchSampler, RankBatches, batch_sampler_batches
+from .errors import ShardingError
 from .fetch import (
     FetchOptions,
     HostSource,
@@ -75,7 +76,7 @@ from .loader_state import (
 from .plan import steps_for
 from .prefetch import resolve_device
 from .sampler import DistributedSampler, is_int
-from .sync import MessageCounter, Uneven, agree_on_state
+from .sync import LOOKAHEAD_BYTES, MessageCounter, Uneven, agree_on_state
 
 __all__ = ["DistributedIterator", "DistributedLoader"]
 
@@ -139,6 +140,10 @@ class DistributedLoader:
         mark_padding: ``mark_padding(batch, mask) -> batch`` marks the copies (``mask``: a
             bool tensor, True for a padding row), called on every batch:
             `mask_labels` (labels -100, HF's "ignore") or `flag_padding` (a mask key).
+        lookahead_bytes: host memory the batches pulled ahead of the end-of-data check may
+            hold (iterable data; tensors, arrays, bytes, str and containers counted, see
+            ``stats()["lookahead_max_bytes"]``); at least one batch is always pulled ahead.
+            Default 256 MiB. Smaller: less memory, more frequent checks.
         backend: a `Backend`, or a backend name for `init()`.
         progress: show a progress bar on rank 0 (tqdm if installed, else INFO log lines under
             the ``horovod_iter`` logger) and log the pass's `stats()` at its end.
@@ -171,6 +176,7 @@ class DistributedLoader:
                  device_transform: Callable[[Any], Any] | None = None,
                  uneven: Uneven = "stop", even_batches: bool = False,
                  mark_padding: Callable[[Any, torch.Tensor], Any] | None = None,
+                 lookahead_bytes: int = LOOKAHEAD_BYTES,
                  backend: Backend | str | None = None,
                  progress: bool = False, log_stats: bool = True) -> None:
         self._backend_arg = backend
@@ -226,6 +232,7 @@ class DistributedLoader:
                            batch_sampler=batch_sampler is not None)
         self.even_batches = even_batches
         self.mark_padding = mark_padding
+        self.lookahead_bytes = positive_int("lookahead_bytes", lookahead_bytes)
         if not isinstance(persistent_workers, bool):
             raise TypeError(f"persistent_workers must be a bool, got {persistent_workers!r}")
         if persistent_workers and (num_workers == 0 or isinstance(dataset, IterableDataset)):
@@ -467,6 +474,7 @@ class DistributedLoader:
                 self.sampler, pass_.samples, bs, self.drop_last), workers=self._workers)
         elif is_stateful(self.dataset):
             pass_.base = resume.dataset if resume else None
+            self._check_shard_layout(pass_.base)
             source = host_batches(self.dataset, opts, resume=pass_.base)
         elif resume is not None and resume.finished:
             source = _Empty()
@@ -484,6 +492,36 @@ class DistributedLoader:
         it = DistributedIterator(self, pass_, source, self._iterations)
         self._active = weakref.ref(it)
         return it
+
+    def _check_shard_layout(self, base: Any) -> None:
+        """A rank without a shard stops every rank at step 0 under ``stop``/``error``: refuse a
+        fresh epoch that would train on nothing; warn for a resumed one that would drop the
+        shards left (the same on every rank: the layout is a pure function)."""
+        counts_of = getattr(self.dataset, "shard_counts", None)
+        if self.uneven == "pad" or not callable(counts_of):
+            return
+        w = max(1, self.num_workers)
+        size = self.backend.size
+        per_consumer = counts_of(size * w, base)
+        per_rank = [sum(per_consumer[r * w:(r + 1) * w]) for r in range(size)]
+        if min(per_rank) > 0:
+            return
+        empty = [r for r, n in enumerate(per_rank) if n == 0]
+        n = len(getattr(self.dataset, "shards", ()))
+        what = (f"{n} shards over {size} ranks x {w} worker(s) = {size * w} consumers (each "
+                f"reads whole shards), so rank(s) {empty} get none")
+        fix = ("use uneven='pad' (every sample once; ranks without data get empty batches), "
+               "split the data into at least as many shards as ranks x workers, or use "
+               "fewer workers")
+        if base is None:
+            raise ShardingError(
+                f"rank {self.backend.rank}: {what}, and uneven={self.uneven!r} would stop every "
+                f"rank at step 0: the epoch would train on nothing. {fix}")
+        left = sum(per_rank)
+        warnings.warn(
+            f"rank {self.backend.rank}: the resumed epoch {self.epoch} has {left} shard(s) "
+            f"left: {what}, and uneven={self.uneven!r} stops every rank at once, so they are "
+            f"not read this epoch; {fix}", RuntimeWarning, stacklevel=3)
 
     def _close_pass(self) -> None:
         active = self._active() if self._active is not None else None

@@ -164,6 +164,12 @@ class ShardedDataset(IterableDataset[Any]):
         todo += [(s, 0) for s in order if s not in done and s not in partial]
         return todo[consumer::consumers]
 
+    def shard_counts(self, consumers: int, resume: dict[str, Any] | None = None) -> list[int]:
+        """Shards each of ``consumers`` reads in a pass (from ``resume``, a merged state, or
+        the epoch's start): the same on every rank."""
+        base = None if resume is None or self.shuffle_buffer else self._normalise(resume)
+        return [len(self._plan(c, consumers, base)) for c in range(consumers)]
+
     def __len__(self) -> int:
         """Samples this rank reads in a full epoch without DataLoader workers (needs
         ``sizes``); `consumer_counts` has every consumer's."""

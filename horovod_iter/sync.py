@@ -41,17 +41,18 @@ import itertools
 import json
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Literal
 
 import torch
 
-from ._tree import ErrorBox, batch_rows, empty_like, fill_rows, first_rows, tree_leaves
+from ._tree import ErrorBox, batch_rows, empty_like, fill_rows, first_rows, host_bytes
 from .backend import AsyncHandle, Backend
 from .errors import ConfigMismatchError, RankFailureError, SampleError, UnevenDataError
 
-__all__ = ["UNEVEN", "EndOfDataSync", "MessageCounter", "Uneven", "agree_on_state",
-           "config_hash"]
+__all__ = ["LOOKAHEAD_BYTES", "UNEVEN", "EndOfDataSync", "MessageCounter", "Uneven",
+           "agree_on_state", "config_hash"]
 
 log = logging.getLogger("horovod_iter")
 
@@ -65,7 +66,7 @@ _KINDS = {_CONFIG: "the configuration check", _FLAGS: "a heartbeat", _END: "the 
 _KIND, _SERIAL, _STEP, _HASH = 0, 2, 4, 6
 _KNOWN, _END_AT, _EVERY, _FAILED_AT = 8, 10, 12, 13
 _FIELDS = 14
-_BUDGET_BYTES = 256 << 20   # host memory the iterable look-ahead may hold
+LOOKAHEAD_BYTES = 256 << 20  # host memory the iterable look-ahead may hold by default
 _MAX_EVERY = 64             # iterables: steps between reports (the look-ahead is twice that)
 _MIN_BEAT, _MAX_BEAT = 1, 1024  # map-style: steps between heartbeats
 _FIRST_BEAT = 8             # before the step rate is known
@@ -132,6 +133,9 @@ class EndOfDataSync(Iterator[Any]):
         even_rows: with ``pad``, fill every batch to this many rows with copies of a real row
             (its own first row; for an empty batch, the first row of a batch seen before or of
             another rank's), so that every rank's batch has the same shape at every step.
+        lookahead_bytes: host memory the batches pulled ahead (iterable data) may hold, as
+            `host_bytes` estimates it (tensors, arrays, bytes, str, containers); at least one
+            batch ahead is always pulled.
         mark_padding: with ``even_rows``, ``mark_padding(batch, mask)`` returns the batch with
             its padding rows marked (``mask``: bool, one per row, True for a copy); called on
             every batch, so that the marks are in every batch alike.
@@ -143,7 +147,8 @@ class EndOfDataSync(Iterator[Any]):
                  config: Mapping[str, Any] | None = None,
                  empty: Callable[[], Any] | None = None, num_batches: int | None = None,
                  every: int = _MAX_EVERY, even_rows: int | None = None,
-                 mark_padding: Callable[[Any, torch.Tensor], Any] | None = None) -> None:
+                 mark_padding: Callable[[Any, torch.Tensor], Any] | None = None,
+                 lookahead_bytes: int = LOOKAHEAD_BYTES) -> None:
         if uneven not in UNEVEN:
             raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
         if not isinstance(every, int) or every < 1:
@@ -166,7 +171,15 @@ class EndOfDataSync(Iterator[Any]):
         self._pulled = 0                      # batches pulled (iterable) from the pass start
         self._ended_at: int | None = num_batches  # this rank's batch count once known
         self._failed = False
-        self._batch_bytes: int | None = None  # of the first batch (sizes the look-ahead)
+        self._budget = lookahead_bytes
+        self._sizes: collections.deque[int] = collections.deque()  # of the buffered batches
+        self._held = 0                        # bytes of the buffered batches
+        self._pulled_bytes = 0                # of all batches pulled (their mean sizes
+        #                                       the period between messages)
+        self._issued = 0                      # messages of this pass (the look-ahead ramps up)
+        #: most batches / bytes the look-ahead held at once (iterable data)
+        self.lookahead_max_batches = 0
+        self.lookahead_max_bytes = 0
         self._inflight: collections.deque[tuple[int, int, AsyncHandle]] = \
             collections.deque()               # (kind, step issued, handle)
         # what every rank knows, from completed messages
@@ -190,9 +203,8 @@ class EndOfDataSync(Iterator[Any]):
     def _pull_ahead(self, upto: int) -> None:
         """Iterable data: pull batches until ``upto`` are known or the data ends."""
         while self._ended_at is None and self._pulled < upto and self._source is not None:
-            if self._batch_bytes and (upto - self._step) * self._batch_bytes > _BUDGET_BYTES \
-                    and self._pulled > self._step:
-                return
+            if self._held >= self._budget and self._pulled > self._step:
+                return  # the memory budget: one batch ahead at least, never more than it
             try:
                 batch = next(self._source)
             except StopIteration:
@@ -201,13 +213,18 @@ class EndOfDataSync(Iterator[Any]):
                 return
             except Exception as e:  # delivered at its step; the others learn we ended there
                 self._buffer.append(ErrorBox(e))
+                self._sizes.append(0)
                 self._ended_at, self._failed, self._source = self._pulled, True, None
                 return
-            if self._batch_bytes is None:
-                self._batch_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(batch))
+            size = host_bytes(batch)
             self._remember(batch)
             self._buffer.append(batch)
+            self._sizes.append(size)
+            self._held += size
+            self._pulled_bytes += size
             self._pulled += 1
+            self.lookahead_max_batches = max(self.lookahead_max_batches, len(self._buffer))
+            self.lookahead_max_bytes = max(self.lookahead_max_bytes, self._held)
 
     def _proposal(self) -> int:
         """Steps between messages this rank proposes (the ranks take the smallest): about
@@ -223,14 +240,20 @@ class EndOfDataSync(Iterator[Any]):
         if self.num_batches is not None:
             return max(_MIN_BEAT, min(_MAX_BEAT, beat))
         cap = _MAX_EVERY
-        if self._batch_bytes:
-            cap = min(cap, _BUDGET_BYTES // (2 * self._batch_bytes))
+        if self._pulled_bytes:
+            cap = min(cap, self._budget * self._pulled // (2 * self._pulled_bytes))
         return max(1, min(cap, beat))
 
     def _issue(self, kind: int) -> None:
         step = self._step
-        if self.num_batches is None and kind != _END:
-            self._pull_ahead(step + 2 * self._every)  # two periods: hides the latency
+        ahead = 2 * self._every  # two periods: hides the latency
+        if self.num_batches is None:
+            # iterables ramp up (1, 2, 4, ... batches ahead), so that the first batch goes
+            # out as soon as it exists, not once a whole look-ahead is made
+            ahead = min(ahead, 1 << min(self._issued, 20))
+            if kind != _END:
+                self._pull_ahead(step + ahead)
+        self._issued += 1
         known = self.num_batches if self.num_batches is not None else self._pulled
         end = INF if self._ended_at is None else self._ended_at
         h = config_hash(self._config) if kind == _CONFIG and self._config is not None else 0
@@ -245,7 +268,7 @@ class EndOfDataSync(Iterator[Any]):
             e.args = (f"{e} (while sending {_KINDS[kind]} of step {step})",)
             raise
         self._inflight.append((kind, step, handle))
-        self._next_issue = step + self._every
+        self._next_issue = step + max(1, min(self._every, ahead // 2))
 
     def _wait_oldest(self) -> None:
         kind, step, handle = self._inflight.popleft()
@@ -399,6 +422,7 @@ class EndOfDataSync(Iterator[Any]):
         if self.num_batches is None:
             self._pull_ahead(s + 1)
             entry = self._buffer.popleft()
+            self._held -= self._sizes.popleft()
             if isinstance(entry, ErrorBox):
                 self._finish()
                 entry.reraise()
@@ -421,8 +445,19 @@ class EndOfDataSync(Iterator[Any]):
 
     def _end(self, s: int) -> None:
         """Every rank decided to end at ``s``: confirm it with one message, then stop."""
+        have = self._ended_at if self._ended_at is not None else self._pulled
+        if self.uneven == "stop" and (have - s > 1 or (s == 0 and have > 0)):
+            warnings.warn(
+                f"rank {self.backend.rank}: uneven='stop' ended pass {self.serial} at step {s} "
+                f"because another rank ran out, and this rank had at least {have - s} more "
+                f"batches{'' if self._ended_at is not None else ' (as far as it looked ahead)'}"
+                " that this pass does not train on; use uneven='pad' to read every sample, or "
+                "balance the data over the ranks (more shards, sizes= for ShardedDataset)",
+                RuntimeWarning, stacklevel=3)
         self._source = None
         self._buffer.clear()
+        self._sizes.clear()
+        self._held = 0
         if self.backend.size > 1:
             self._issue(_END)
             while self._inflight:
@@ -467,6 +502,8 @@ class EndOfDataSync(Iterator[Any]):
         self._done = True
         self._source = None
         self._buffer.clear()
+        self._sizes.clear()
+        self._held = 0
 
     def abandon(self) -> None:
         """Stop and forget the messages in flight without waiting (their world is gone)."""
