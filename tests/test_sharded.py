@@ -58,6 +58,34 @@ def test_every_record_exactly_once_and_a_new_order_each_epoch(launcher, workers,
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("world, workers, sizes", [(2, 2, [7, 5]), (2, 0, [12]), (3, 0, [7, 5])])
+def test_fewer_shards_than_ranks_under_stop_is_refused_on_every_rank(world, workers, sizes,
+                                                                     tmp_path):
+    """A rank without a shard would stop every rank at step 0 under uneven='stop' (an epoch
+    of nothing): refused on every rank, naming the fix; uneven='pad' reads every record."""
+    total = write_shards(tmp_path, sizes)
+    res = run("torch", world, dir=str(tmp_path), batch_size=2, workers=workers, uneven="stop")
+    for r in res:
+        assert r["error"] and r["error"].startswith("ShardingError"), r
+        assert "would train on nothing" in r["error"] and "uneven='pad'" in r["error"]
+    res = run("torch", world, dir=str(tmp_path), batch_size=2, workers=workers, uneven="pad")
+    assert [r["error"] for r in res] == [None] * world
+    assert sorted(ids(res)) == list(range(total))
+
+
+@pytest.mark.distributed
+def test_stop_that_leaves_a_ranks_data_unread_warns(tmp_path):
+    """uneven='stop' over shards of 40 and 4 records: the pass ends after 2 steps, and the
+    rank with 38 records left says so (a warning naming uneven='pad'), the other does not."""
+    write_shards(tmp_path, [40, 4])
+    res = run("torch", 2, dir=str(tmp_path), batch_size=2, uneven="stop")
+    assert [r["error"] for r in res] == [None] * 2
+    assert [len(r["epochs"]["0"]) for r in res] == [2, 2]
+    warned = [r for r in res if any("uneven='pad'" in w for w in r["warnings"])]
+    assert len(warned) == 1 and "more batches" in warned[0]["warnings"][0]
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("before, after", [
     (("horovod", 3, 0), ("torch", 2, 2)),
     (("torch", 2, 2), ("horovod", 4, 0)),
@@ -216,6 +244,63 @@ def test_len_with_sizes_and_bad_arguments(tmp_path):
         hi.ShardedDataset("train-*.jsonl", read_jsonl)
     with pytest.raises(ValueError, match="sizes must give"):
         hi.ShardedDataset(shards, read_jsonl, sizes=[1])
+
+
+class Records(torch.utils.data.IterableDataset):
+    """Raw records of ``size`` bytes (undecoded JPEG/audio, say), counting what it made."""
+
+    def __init__(self, n, size):
+        self.n, self.size, self.made = n, size, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.made += 1
+            yield {"id": i, "raw": bytes(self.size), "text": "x" * 100}
+
+
+def keep_raw(samples):  # the usual webdataset-style batch: bytes decoded later
+    return {"id": torch.tensor([s["id"] for s in samples]), "raw": [s["raw"] for s in samples],
+            "text": [s["text"] for s in samples]}
+
+
+def test_look_ahead_is_bounded_by_the_bytes_a_batch_really_holds():
+    """Batches of 4 x 256 KiB bytes records (no tensor bytes to speak of) with
+    lookahead_bytes=4 MiB: the look-ahead holds at most the budget plus one batch; by default
+    (256 MiB) it pulls further ahead; stats() reports both."""
+    batch = 4 * (256 << 10)
+    ds = Records(400, 256 << 10)
+    loader = hi.DistributedLoader(ds, batch_size=4, collate_fn=keep_raw,
+                                  lookahead_bytes=4 << 20)
+    assert len([b["id"] for b in loader]) == 100
+    st = loader.stats()
+    assert batch <= st["lookahead_max_bytes"] <= (4 << 20) + 2 * batch, st
+    assert 1 <= st["lookahead_max_batches"] <= 6, st
+    wide = hi.DistributedLoader(Records(400, 256 << 10), batch_size=4, collate_fn=keep_raw)
+    list(wide)
+    assert wide.stats()["lookahead_max_batches"] > 6
+    with pytest.raises(ValueError, match="lookahead_bytes must be a positive int"):
+        hi.DistributedLoader(ds, batch_size=4, lookahead_bytes=0)
+
+
+def test_the_first_batch_goes_out_before_the_look_ahead_is_full():
+    """The look-ahead ramps up from one batch: when the first batch reaches the trainer, at
+    most two batches of records have been made (it used to be a full 16-batch look-ahead)."""
+    ds = Records(400, 16)
+    it = iter(hi.DistributedLoader(ds, batch_size=4, collate_fn=keep_raw))
+    first = next(it)
+    assert first["id"].tolist() == [0, 1, 2, 3] and ds.made <= 2 * 4, ds.made
+    assert len(list(it)) == 99
+
+
+def test_host_bytes_counts_what_a_batch_holds():
+    import numpy as np
+
+    from horovod_iter._tree import host_bytes
+    assert host_bytes(torch.zeros(10, dtype=torch.float64)) == 80
+    assert host_bytes(np.zeros(10, dtype=np.int32)) == 40
+    assert host_bytes(bytes(1 << 20)) >= 1 << 20
+    assert host_bytes(["x" * 1000] * 10) >= 10_000
+    assert host_bytes({"a": [bytes(1000), {"b": np.zeros(100)}]}) >= 1800
 
 
 def test_stateless_iterable_resume_warns_about_replay():

@@ -4,11 +4,12 @@ argv[1]: JSON config: dir (shards written there by the test), batch_size, worker
 epochs (list of epochs to run), stop_after (steps, then save the state to state_out on every
 rank: a collective), state_in (load before iterating), raise_shard (a shard index whose read
 raises), stateful_stream (use a custom stateful IterableDataset instead: n samples per rank).
-Reports the ids of every batch, per epoch.
+Reports the ids of every batch, per epoch, and the warnings raised.
 """
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +61,9 @@ def collate(samples):
     return torch.tensor(samples)
 
 
+warnings.simplefilter("always")
+caught = warnings.catch_warnings(record=True)
+seen_warnings = caught.__enter__()
 try:
     if cfg.get("stateful_stream"):
         ds = Counting(cfg["stateful_stream"], f"{cfg['gen_dir']}/gen-{b.rank}")
@@ -93,6 +97,8 @@ try:
         out["epochs"][str(epoch)] = got
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
+out["warnings"] = [str(w.message) for w in seen_warnings
+                   if issubclass(w.category, RuntimeWarning)]
 if cfg.get("gen_dir"):
     gen = Path(f"{cfg['gen_dir']}/gen-{b.rank}")
     out["generated"] = len(gen.read_text()) if gen.exists() else 0
