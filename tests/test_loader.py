@@ -374,6 +374,48 @@ def test_dataset_error_names_index_and_rank():
         list(hi.DistributedLoader(Bad(), batch_size=2, shuffle=False))
 
 
+# ---- elastic determinism -------------------------------------------------------------
+def global_steps(res):
+    """The set of sample ids every step holds over all ranks."""
+    steps = max(len(r["batches"]) for r in res)
+    return [sorted(i for r in res for i in (r["batches"][k] if k < len(r["batches"]) else []))
+            for k in range(steps)]
+
+
+@pytest.mark.parametrize("uneven", ["pad", "stop"])
+def test_global_batch_k_holds_the_same_samples_on_any_world(uneven):
+    """At a fixed global batch size, the global batch of step k is the same set of samples
+    on 1, 2, 3, 4 and 6 ranks (rank r takes positions r, r + W, ... of the epoch's order, so
+    step k spans positions [kG, (k+1)G) whatever W): a run is reproducible on another
+    cluster size. Under "stop" the last step may differ (torch's padding repeats samples that
+    depend on W)."""
+    n, g = 100, 12
+    runs = {}
+    for w in (1, 2, 3, 4, 6):
+        plans = [hi.EpochPlan(n, w, r, seed=5, epoch=2, pad=uneven == "stop")
+                 for r in range(w)]
+        b = g // w
+        steps = -(-max(p.count() for p in plans) // b)
+        runs[w] = [sorted(int(i) for p in plans for i in p.indices(k * b, (k + 1) * b))
+                   for k in range(steps)]
+    full = n // g
+    for w, steps in runs.items():
+        assert steps[:full] == runs[1][:full], w
+        if uneven == "pad":
+            assert steps == runs[1], w
+            assert sorted(i for s in steps for i in s) == list(range(n))
+
+
+@pytest.mark.distributed
+def test_global_batches_are_the_same_on_2_and_3_ranks_of_a_real_launch():
+    """The same through the loader under torchrun: global_batch_size=6 over 2 and 3 ranks
+    (and 2 workers on one of them) gives the same sample set at every step."""
+    common = dict(n=41, seed=4, epoch=1, uneven="pad", global_batch_size=6)
+    two = global_steps(run("torch", 2, **common))
+    three = global_steps(run("torch", 3, **common, workers=2))
+    assert two == three and sorted(i for s in two for i in s) == list(range(41))
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"batch_size": 2, "global_batch_size": 4}, ValueError, "one of batch_size .* not both"),
     ({"batch_size": None}, ValueError, "batch_size=None"),
