@@ -23,6 +23,7 @@ accepts a ``start=`` keyword.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import inspect
 import itertools
@@ -53,6 +54,12 @@ class ShardedDataset(IterableDataset[Any]):
         shuffle: a new shard order each epoch, from (seed, epoch).
         seed: the order's seed, the same on every rank.
         sizes: the shards' sample counts, if known: gives ``len()``.
+        interleave: shards each consumer reads at once (with ``shuffle``): every record is
+            drawn from one of them chosen by a seeded generator - in proportion to the records
+            each has left when ``sizes`` are known, which makes the stream a uniformly random
+            merge of its shards - so a batch mixes records of many shards instead of one after
+            another (``1``: one shard after another). Costs one open reader (and the record
+            it read ahead) per open shard.
         shuffle_buffer: shuffle samples within each consumer's stream through a buffer of
             this many samples (seeded; every sample still exactly once). A resume with a
             buffer needs the same world size and worker count.
@@ -74,7 +81,7 @@ class ShardedDataset(IterableDataset[Any]):
 
     def __init__(self, shards: Sequence[Any], read: Callable[..., Iterable[Any]], *,
                  shuffle: bool = True, seed: int = 0, sizes: Sequence[int] | None = None,
-                 shuffle_buffer: int = 0, rank: int | None = None,
+                 shuffle_buffer: int = 0, interleave: int = 64, rank: int | None = None,
                  num_replicas: int | None = None) -> None:
         if isinstance(shards, (str, bytes)) or not isinstance(shards, Sequence):
             raise TypeError(f"shards must be a sequence of shard descriptors (e.g. a list of "
@@ -90,6 +97,9 @@ class ShardedDataset(IterableDataset[Any]):
                 not isinstance(n, int) or n < 0 for n in sizes)):
             raise ValueError(f"sizes must give an int >= 0 for each of the {len(shards)} "
                              f"shards, got {sizes!r}")
+        if not isinstance(interleave, int) or isinstance(interleave, bool) or interleave < 1:
+            raise ValueError(f"interleave must be an int >= 1 (shards open at once per "
+                             f"consumer; 1 reads them one after another), got {interleave!r}")
         if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
         self.shards = list(shards)
@@ -98,6 +108,7 @@ class ShardedDataset(IterableDataset[Any]):
         self.seed = seed
         self.sizes = None if sizes is None else list(sizes)
         self.shuffle_buffer = shuffle_buffer
+        self.interleave = interleave if shuffle else 1
         if rank is None or num_replicas is None:
             b = get_backend()
             rank = b.rank if rank is None else rank
@@ -111,7 +122,10 @@ class ShardedDataset(IterableDataset[Any]):
         self._resume: dict[str, Any] | None = None
         self._fingerprint: str | None = None
         self._consumer = (0, 1)        # (consumer, consumers) of the current iteration
-        self._progress = [0, 0, 0]     # done shards, offset in the next one, yielded
+        # progress of the current iteration, by index into the consumer's plan
+        self._finished: set[int] = set()      # shards read to their end
+        self._offsets: dict[int, int] = {}    # open shards: samples consumed of each
+        self._yielded = 0                     # samples yielded (draws)
 
     def fingerprint(self) -> str:
         """What every rank must agree on (the shard list in its order, seed, shuffle, sizes):
@@ -198,35 +212,93 @@ class ShardedDataset(IterableDataset[Any]):
                 "shuffle_buffer=0 to resume on any")
         resume = self._resume if self._resume and self._resume["epoch"] == self.epoch else None
         self._consumer = (consumer, consumers)
-        self._progress = [0, 0, 0]
+        self._finished, self._offsets, self._yielded = set(), {}, 0
         if self.shuffle_buffer:  # replay this consumer's seeded stream to where it stopped
             skip = resume["yielded"][consumer] if resume else 0
             plan = [(s, 0) for s in self.order()[consumer::consumers]]
-            stream = self._count(self._shuffled(self._samples(plan), consumer))
+            stream = self._count(self._shuffled(self._samples(plan, 0), consumer))
             return itertools.islice(stream, skip, None)
         plan = self._plan(consumer, consumers, resume)
-        self._progress[1] = plan[0][1] if plan else 0
-        return self._count(self._samples(plan))
+        same = resume is not None and resume["consumers"] == consumers and not resume["redealt"]
+        # the same layout continues the uninterrupted stream: its draws so far are replayed
+        self._yielded = resume["yielded"][consumer] if same and resume else 0
+        return self._count(self._samples(plan, self._yielded, redealt=resume is not None
+                                         and not same))
 
-    def _samples(self, plan: list[tuple[int, int]]) -> Iterator[Any]:
-        for shard, start in plan:
-            offset = start
-            try:
-                if start and self._seeks:
-                    it = iter(self.read(self.shards[shard], start=start))
-                else:
-                    it = itertools.islice(iter(self.read(self.shards[shard])), start, None)
-                for sample in it:
-                    offset += 1
-                    self._progress[1] = offset
-                    yield sample
-            except Exception as e:
-                raise SampleError(
-                    f"rank {self.rank} (consumer {self._consumer[0]} of {self._consumer[1]}): "
-                    f"reading shard {self.shards[shard]!r} (#{shard}) failed at sample "
-                    f"{offset}: {type(e).__name__}: {e}") from e
-            self._progress[0] += 1
-            self._progress[1] = 0
+    def _open(self, plan: list[tuple[int, int]], i: int) -> tuple[Iterator[Any], int]:
+        shard, start = plan[i]
+        self._offsets[i] = start
+        try:
+            if start and self._seeks:
+                return iter(self.read(self.shards[shard], start=start)), start
+            return itertools.islice(iter(self.read(self.shards[shard])), start, None), start
+        except Exception as e:
+            raise self._read_error(shard, start, e) from e
+
+    def _read_error(self, shard: int, offset: int, e: Exception) -> SampleError:
+        return SampleError(
+            f"rank {self.rank} (consumer {self._consumer[0]} of {self._consumer[1]}): "
+            f"reading shard {self.shards[shard]!r} (#{shard}) failed at sample "
+            f"{offset}: {type(e).__name__}: {e}")
+
+    def _samples(self, plan: list[tuple[int, int]], draws: int,
+                 redealt: bool = False) -> Iterator[Any]:
+        """This consumer's records: ``interleave`` of its shards open at once (the first
+        unfinished ones of its plan), each draw taking the next record of one of them chosen
+        by a seeded generator - a pure function of the shards' progress and the draw count,
+        so a resume on the same layout continues the very same stream."""
+        consumer, consumers = self._consumer
+        rng = random.Random(f"{self.seed}:{self.epoch}:{consumer}:{consumers}:{int(redealt)}")
+        for _ in range(draws):
+            rng.random()
+        opened: list[list[Any]] = []   # [plan index, iterator, next record], in plan order
+        left: list[int] = []           # records each open shard has left (with sizes)
+        upcoming = iter(range(len(plan)))
+        sizes = self.sizes
+
+        def fill() -> None:
+            while len(opened) < self.interleave:
+                i = next(upcoming, None)
+                if i is None:
+                    return
+                it, start = self._open(plan, i)
+                entry = [i, it, None]
+                if self._advance(plan, entry):
+                    opened.append(entry)
+                    left.append(max(1, sizes[plan[i][0]] - start) if sizes is not None else 1)
+
+        fill()
+        while opened:
+            u = rng.random()  # one draw per record, whatever is open: replayable by count
+            if len(opened) == 1:
+                k = 0
+            elif sizes is None:
+                k = int(u * len(opened))
+            else:
+                cum = list(itertools.accumulate(left))
+                k = min(bisect.bisect_right(cum, u * cum[-1]), len(cum) - 1)
+            entry = opened[k]
+            record = entry[2]
+            self._offsets[entry[0]] += 1
+            left[k] = max(1, left[k] - 1)
+            if not self._advance(plan, entry):
+                del opened[k]
+                del left[k]
+                fill()
+            yield record
+
+    def _advance(self, plan: list[tuple[int, int]], entry: list[Any]) -> bool:
+        """Pre-read ``entry``'s next record; False (and the shard finished) at its end."""
+        i = entry[0]
+        try:
+            entry[2] = next(entry[1])
+            return True
+        except StopIteration:
+            self._finished.add(i)
+            self._offsets.pop(i, None)
+            return False
+        except Exception as e:
+            raise self._read_error(plan[i][0], self._offsets[i], e) from e
 
     def _shuffled(self, samples: Iterator[Any], consumer: int) -> Iterator[Any]:
         rng = random.Random(f"{self.seed}:{self.epoch}:{consumer}")
@@ -242,16 +314,17 @@ class ShardedDataset(IterableDataset[Any]):
 
     def _count(self, samples: Iterator[Any]) -> Iterator[Any]:
         for sample in samples:
-            self._progress[2] += 1
+            self._yielded += 1
             yield sample
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This consumer's position as of the samples it yielded (inside its worker)."""
         consumer, consumers = self._consumer
-        done, offset, yielded = self._progress
         return {"consumer": consumer, "consumers": consumers, "epoch": self.epoch,
-                "done": done, "offset": offset, "yielded": yielded}
+                "finished": sorted(self._finished),
+                "offsets": sorted([i, o] for i, o in self._offsets.items()),
+                "yielded": self._yielded}
 
     def merge_states(self, states: Sequence[dict[str, Any] | None], consumers: int,
                      base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -267,11 +340,12 @@ class ShardedDataset(IterableDataset[Any]):
             if st is None:
                 continue
             plan = self._plan(c, consumers, base)
-            for s, _ in plan[: st["done"]]:
-                done.add(s)
-                partial.pop(s, None)
-            if st["done"] < len(plan) and st["offset"] > 0:
-                partial[plan[st["done"]][0]] = st["offset"]
+            for i in st["finished"]:
+                done.add(plan[i][0])
+                partial.pop(plan[i][0], None)
+            for i, offset in st["offsets"]:
+                if offset > 0:
+                    partial[plan[i][0]] = offset
         redealt = base is not None and (base["redealt"] or base["consumers"] != consumers)
         return {"type": _STATE_TYPE, "version": _STATE_VERSION, "epoch": self.epoch,
                 "shards": len(self.shards), "seed": self.seed, "shuffle": self.shuffle,
