@@ -12,6 +12,7 @@ Public API (everything else is private and may change):
 * ``EpochPlan``: the pure layout of an epoch over the ranks.
 * ``CudaPrefetcher``: side-stream host->GPU prefetch around any iterable.
 * ``ShardedDataset``: streaming shards, each read once over the world, resumable on any world.
+* ``MixedDataset``: map-style sources mixed in fixed proportions, per-source epochs.
 * ``shard``: split an iterable by rank and DataLoader worker (every consumer reads it all).
 * The exceptions of ``horovod_iter.errors``.
 
@@ -39,6 +40,7 @@ from .errors import (
 from .fetch import shard
 from .iterator import DistributedIterator
 from .loader import DistributedLoader
+from .mixing import MixedDataset
 from .padding import flag_padding, mask_labels
 from .plan import EpochPlan
 from .prefetch import CudaPrefetcher
@@ -59,6 +61,7 @@ __all__ = [
     "EpochPlan",
     "HorovodIterError",
     "LengthGroupedBatchSampler",
+    "MixedDataset",
     "OutOfRangeError",
     "RankFailureError",
     "SampleError",

@@ -141,6 +141,10 @@ class DistributedIterator:
         self._samples = 0
         backend = loader.backend
         self.num_steps: int | None = source.num_batches
+        # a MixedDataset's realised proportions: its sources of the slots handed out
+        self._first_slot = pass_.cursor.slot if pass_.cursor is not None else None
+        self._counted_slot = self._first_slot
+        self._source_counts: Any = None
         empty = None
         if not loader.is_iterable:  # pad: a rank with no batch copies the form of sample 0
             empty = functools.partial(BatchFetcher(loader.dataset, loader.collate_fn, False,
@@ -218,7 +222,25 @@ class DistributedIterator:
             "padded_steps": s.padded_steps,
             "lookahead_max_batches": s.lookahead_max_batches,
             "lookahead_max_bytes": s.lookahead_max_bytes,
+            **self._mix_stats(),
         }
+
+    def _mix_stats(self) -> dict[str, Any]:
+        """``source_counts`` and ``source_proportions`` of a `MixedDataset`: the samples this
+        rank handed out, by source (counted incrementally from the slots taken)."""
+        ds, cursor = self._loader.dataset, self._pass.cursor
+        source_of = getattr(ds, "source_of", None)
+        if cursor is None or self._counted_slot is None or not callable(source_of):
+            return {}
+        if self._source_counts is None:
+            self._source_counts = np.zeros(len(ds.names), dtype=np.int64)
+        if cursor.slot > self._counted_slot:
+            idx = cursor.plan.indices(self._counted_slot, cursor.slot)
+            self._source_counts += np.bincount(source_of(idx), minlength=len(ds.names))
+            self._counted_slot = cursor.slot
+        counts = self._source_counts.tolist()
+        return {"source_counts": dict(zip(ds.names, counts)),
+                "source_proportions": ds.proportions(counts)}
 
     def close(self) -> None:
         """Release workers, pinned buffers and streams; never waits on other ranks.

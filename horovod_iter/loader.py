@@ -73,6 +73,7 @@ from .loader_state import (
     gather_dataset_state,
     validate,
 )
+from .mixing import MixedDataset
 from .plan import steps_for
 from .prefetch import resolve_device
 from .sampler import DistributedSampler, is_int
@@ -240,6 +241,11 @@ class DistributedLoader:
                 "persistent_workers=True needs num_workers > 0 and a map-style dataset (an "
                 "IterableDataset's epoch and resume state reach only new workers); got "
                 f"num_workers={num_workers}, dataset {type(dataset).__name__}")
+        if persistent_workers and isinstance(dataset, MixedDataset):
+            raise ValueError(
+                "persistent_workers=True keeps the workers' copy of a MixedDataset at the "
+                "epoch they were started in, and its draws depend on the epoch; use "
+                "persistent_workers=False")
         self.persistent_workers = persistent_workers
         self._workers: dict[Any, Any] = {}  # the DataLoader of persistent workers
         self.dataset = dataset
@@ -399,6 +405,8 @@ class DistributedLoader:
             self._batch_sampler if self._batch_sampler is not None else self.dataset)
         if callable(getattr(target, "set_epoch", None)):
             target.set_epoch(self.epoch)
+        if isinstance(self.dataset, MixedDataset):  # its draws depend on the epoch too
+            self.dataset.set_epoch(self.epoch)
 
     def config(self) -> dict[str, Any]:
         """What every rank must agree on at ``iter()`` (checked with one allreduce)."""
