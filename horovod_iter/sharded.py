@@ -27,7 +27,9 @@ import bisect
 import hashlib
 import inspect
 import itertools
+import os
 import random
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable
 
@@ -35,8 +37,9 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .backend import get_backend
-from .errors import SampleError
+from .errors import SampleError, ShardingError
 from .permutation import permute
+from .remote import ShardCache, is_remote, local_path
 
 __all__ = ["ShardedDataset"]
 
@@ -65,6 +68,14 @@ class ShardedDataset(IterableDataset[Any]):
             buffer needs the same world size and worker count.
         rank, num_replicas: this rank and the world size (default: the backend's; the
             loader keeps them current across Horovod elastic resets).
+        cache_dir: where shards given as URLs (``s3://``, ``gs://``, ``https://``, anything
+            fsspec opens) are downloaded before ``read`` gets their local path; shared by the
+            ranks and workers of a host. Default: ``$HOROVOD_ITER_CACHE`` or a folder in the
+            system's temporary directory.
+        cache_limit: bytes the cache may hold (least recently used shards are evicted; the
+            shards open at once are bounded by it too).
+        storage_options: for fsspec (credentials, ``client_kwargs={"endpoint_url": ...}``).
+        download_ahead: shards each consumer downloads ahead of the ones it reads.
 
     Use it with `DistributedLoader`, whose ``state_dict()`` then holds the position of
     every consumer (``uneven="pad"`` gives every sample exactly once; ``"stop"`` stops at the
@@ -82,7 +93,9 @@ class ShardedDataset(IterableDataset[Any]):
     def __init__(self, shards: Sequence[Any], read: Callable[..., Iterable[Any]], *,
                  shuffle: bool = True, seed: int = 0, sizes: Sequence[int] | None = None,
                  shuffle_buffer: int = 0, interleave: int = 64, rank: int | None = None,
-                 num_replicas: int | None = None) -> None:
+                 num_replicas: int | None = None, cache_dir: str | None = None,
+                 cache_limit: int = 8 << 30, storage_options: dict[str, Any] | None = None,
+                 download_ahead: int = 2) -> None:
         if isinstance(shards, (str, bytes)) or not isinstance(shards, Sequence):
             raise TypeError(f"shards must be a sequence of shard descriptors (e.g. a list of "
                             f"paths), got {type(shards).__name__}")
@@ -102,8 +115,20 @@ class ShardedDataset(IterableDataset[Any]):
                              f"consumer; 1 reads them one after another), got {interleave!r}")
         if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
+        if not isinstance(download_ahead, int) or isinstance(download_ahead, bool) or \
+                download_ahead < 0:
+            raise ValueError(f"download_ahead must be an int >= 0, got {download_ahead!r}")
         self.shards = list(shards)
         self.read = read
+        self.cache_dir = cache_dir or os.environ.get("HOROVOD_ITER_CACHE") or os.path.join(
+            tempfile.gettempdir(), "horovod_iter_cache")
+        self.cache_limit = cache_limit
+        self.storage_options = storage_options
+        self.download_ahead = download_ahead
+        self.remote = any(is_remote(x) for x in self.shards)
+        if self.remote:
+            ShardCache.check_limit(cache_limit)
+        self._cache: ShardCache | None = None  # made in the process that reads (a worker)
         self.shuffle = shuffle
         self.seed = seed
         self.sizes = None if sizes is None else list(sizes)
@@ -225,15 +250,38 @@ class ShardedDataset(IterableDataset[Any]):
         return self._count(self._samples(plan, self._yielded, redealt=resume is not None
                                          and not same))
 
+    def cache(self) -> ShardCache:
+        """The local cache of remote shards (one per process)."""
+        if self._cache is None:
+            self._cache = ShardCache(self.cache_dir, self.cache_limit, self.storage_options)
+        return self._cache
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # threads and locks stay in their process
+        return state
+
     def _open(self, plan: list[tuple[int, int]], i: int) -> tuple[Iterator[Any], int]:
         shard, start = plan[i]
         self._offsets[i] = start
+        where = self.shards[shard]
         try:
+            if is_remote(where):
+                where = self.cache().open(where)
+            else:
+                where = local_path(where)
             if start and self._seeks:
-                return iter(self.read(self.shards[shard], start=start)), start
-            return itertools.islice(iter(self.read(self.shards[shard])), start, None), start
+                return iter(self.read(where, start=start)), start
+            return itertools.islice(iter(self.read(where)), start, None), start
+        except ShardingError:
+            raise
         except Exception as e:
             raise self._read_error(shard, start, e) from e
+
+    def _close_shard(self, plan: list[tuple[int, int]], i: int) -> None:
+        where = self.shards[plan[i][0]]
+        if is_remote(where) and self._cache is not None:
+            self._cache.release(where)
 
     def _read_error(self, shard: int, offset: int, e: Exception) -> SampleError:
         return SampleError(
@@ -253,21 +301,38 @@ class ShardedDataset(IterableDataset[Any]):
             rng.random()
         opened: list[list[Any]] = []   # [plan index, iterator, next record], in plan order
         left: list[int] = []           # records each open shard has left (with sizes)
-        upcoming = iter(range(len(plan)))
-        sizes = self.sizes
+        sizes, remote = self.sizes, self.remote
+        nxt = 0  # the next plan entry to open (entries open in plan order)
 
         def fill() -> None:
-            while len(opened) < self.interleave:
-                i = next(upcoming, None)
-                if i is None:
-                    return
+            nonlocal nxt
+            while len(opened) < self.interleave and nxt < len(plan):
+                url = self.shards[plan[nxt][0]]
+                if remote and opened and is_remote(url) and not self.cache().has_room(url):
+                    break  # the open shards fill the cache: open it once one is done
+                i, nxt = nxt, nxt + 1
                 it, start = self._open(plan, i)
                 entry = [i, it, None]
                 if self._advance(plan, entry):
                     opened.append(entry)
                     left.append(max(1, sizes[plan[i][0]] - start) if sizes is not None else 1)
+            if remote and self.download_ahead:
+                ahead = (self.shards[plan[j][0]] for j in range(nxt, len(plan)))
+                self.cache().want(list(itertools.islice(
+                    (u for u in ahead if is_remote(u)), self.download_ahead)))
 
-        fill()
+        try:
+            fill()
+            yield from self._draw(plan, rng, opened, left, fill)
+        finally:  # also a pass that ends early: its open shards may be evicted again
+            for entry in opened:
+                self._close_shard(plan, entry[0])
+            if remote and self._cache is not None:
+                self._cache.want([])
+
+    def _draw(self, plan: list[tuple[int, int]], rng: random.Random, opened: list[list[Any]],
+              left: list[int], fill: Callable[[], None]) -> Iterator[Any]:
+        sizes = self.sizes
         while opened:
             u = rng.random()  # one draw per record, whatever is open: replayable by count
             if len(opened) == 1:
@@ -296,6 +361,7 @@ class ShardedDataset(IterableDataset[Any]):
         except StopIteration:
             self._finished.add(i)
             self._offsets.pop(i, None)
+            self._close_shard(plan, i)
             return False
         except Exception as e:
             raise self._read_error(plan[i][0], self._offsets[i], e) from e

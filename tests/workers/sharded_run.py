@@ -4,6 +4,8 @@ argv[1]: JSON config: dir (shards written there by the test), batch_size, worker
 epochs (list of epochs to run), stop_after (steps, then save the state to state_out on every
 rank: a collective), state_in (load before iterating), raise_shard (a shard index whose read
 raises), stateful_stream (use a custom stateful IterableDataset instead: n samples per rank).
+urls (shard URLs instead of dir; with endpoint, cache_dir, cache_limit: an S3-compatible
+server and our cache; reports the most bytes the cache held after any batch).
 Reports the ids of every batch, per epoch, and the warnings raised.
 """
 import json
@@ -67,6 +69,10 @@ seen_warnings = caught.__enter__()
 try:
     if cfg.get("stateful_stream"):
         ds = Counting(cfg["stateful_stream"], f"{cfg['gen_dir']}/gen-{b.rank}")
+    elif cfg.get("urls"):
+        ds = hi.ShardedDataset(cfg["urls"], read, seed=3, cache_dir=cfg["cache_dir"],
+                               cache_limit=cfg["cache_limit"], storage_options={
+                                   "client_kwargs": {"endpoint_url": cfg["endpoint"]}})
     else:
         shards = sorted(str(p) for p in Path(cfg["dir"]).glob("s*.jsonl"))
         if cfg.get("reversed_on_rank") == b.rank:  # e.g. an unsorted directory listing
@@ -87,6 +93,10 @@ try:
         got = []
         for step, batch in enumerate(loader):
             got.append(batch.tolist())
+            if cfg.get("urls"):
+                held = sum(e.stat().st_size for e in os.scandir(cfg["cache_dir"])
+                           if not e.name.startswith("."))
+                out["cache_max"] = max(out.get("cache_max", 0), held)
             if cfg.get("stop_after") is not None and step + 1 == cfg["stop_after"]:
                 if cfg.get("state_on_rank0_only") and b.rank != 0:
                     continue  # the mistake under test: only rank 0 asks for the state

@@ -1,0 +1,279 @@
+"""Shards from object stores: fetched through fsspec into a bounded local cache, ahead of the
+reader, so that a ``read(path)`` written for local files reads ``s3://``, ``gs://``, ``az://``,
+``http(s)://`` (anything fsspec opens) unchanged.
+
+* A shard is downloaded whole into ``cache_dir`` (to a temporary name, then renamed: a reader
+  never sees half a file), under a name derived from its URL, so ranks and DataLoader workers
+  on one host share the cache: a shard another consumer already fetched is not fetched again.
+* The cache holds at most ``limit`` bytes: before a download, the least recently used files
+  (by modification time; a use touches it) are evicted, never one this process has open.
+  Evicting a file another process has open is safe on POSIX (its reader keeps the data).
+* Transient errors are retried ``retries`` times with exponential backoff; a shard that does
+  not exist is reported at once (`ShardingError` naming the URL), as is one larger than the
+  whole cache.
+* `ShardCache.want` downloads the next shards on a background thread while the current
+  ones are read, never past the cache limit.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import ShardingError
+
+__all__ = ["ShardCache", "is_remote", "local_path"]
+
+_PERMANENT = (ValueError, TypeError, ShardingError)  # not worth a retry
+
+
+def is_remote(shard: Any) -> bool:
+    """A URL with a scheme other than ``file://`` (``s3://``, ``https://``, ``memory://`` ...)."""
+    return isinstance(shard, str) and "://" in shard and not shard.startswith("file://")
+
+
+def local_path(shard: Any) -> Any:
+    """``file://`` URLs as paths; anything else unchanged."""
+    if isinstance(shard, str) and shard.startswith("file://"):
+        return shard[len("file://"):]
+    return shard
+
+
+class ShardCache:
+    """A bounded local cache of remote shards (see the module docstring).
+
+    Args:
+        cache_dir: where shards are kept (shared by the processes of a host).
+        limit: bytes the cache may hold on disk.
+        storage_options: passed to ``fsspec.url_to_fs`` (credentials, ``endpoint_url`` ...).
+        retries: attempts after the first for a transient error.
+        backoff: seconds before the first retry (doubled each time).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], limit: int,
+                 storage_options: dict[str, Any] | None = None, retries: int = 5,
+                 backoff: float = 0.5) -> None:
+        self.check_limit(limit)
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.limit = limit
+        self.storage_options = dict(storage_options or {})
+        self.retries, self.backoff = retries, backoff
+        self._pinned: dict[str, int] = {}      # local name -> open count (this process)
+        self._sizes: dict[str, int] = {}       # url -> remote size
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wanted: list[str] = []
+        self._wanted_cv = threading.Condition()
+        self._fetched: set[str] = set()        # prefetched (or failed: the reader retries)
+        self._closed = False
+        self._fs: dict[str, Any] = {}
+        #: bytes downloaded, and files evicted, by this process
+        self.downloaded_bytes = 0
+        self.evicted = 0
+
+    @staticmethod
+    def check_limit(limit: Any) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"cache_limit must be a positive number of bytes, got {limit!r}")
+
+    # -- paths ----------------------------------------------------------------------------
+    def name(self, url: str) -> str:
+        digest = hashlib.blake2b(url.encode(), digest_size=10).hexdigest()
+        return f"{digest}-{os.path.basename(url.rstrip('/'))[-80:] or 'shard'}"
+
+    def _filesystem(self, url: str) -> tuple[Any, str]:
+        """(fsspec filesystem, path in it) of ``url`` (fsspec caches the filesystems)."""
+        if url not in self._fs:
+            try:
+                import fsspec  # an optional dependency: only remote shards need it
+
+                self._fs[url] = fsspec.url_to_fs(url, **self.storage_options)
+            except ImportError as e:
+                scheme = url.split("://", 1)[0]
+                raise ShardingError(
+                    f"shard {url}: reading {scheme}:// URLs needs fsspec and its driver for "
+                    f"{scheme} ({e}); pip install 'horovod_iter[remote]' (s3fs), gcsfs, adlfs "
+                    "or the package fsspec names") from e
+        fs, path = self._fs[url]
+        return fs, path
+
+    def size(self, url: str) -> int:
+        """The shard's size in bytes (asked once)."""
+        if url not in self._sizes:
+            fs, path = self._filesystem(url)
+            info = self._retry(url, "look up", lambda: fs.info(path))
+            self._sizes[url] = int(info.get("size") or 0)
+        return self._sizes[url]
+
+    # -- use ------------------------------------------------------------------------------
+    def open(self, url: str) -> str:
+        """The shard's local path, downloaded if needed, pinned until `release`."""
+        name = self.name(url)
+        with self._lock:
+            self._pinned[name] = self._pinned.get(name, 0) + 1
+        try:
+            return str(self._ensure(url, name))
+        except BaseException:
+            self.release(url)
+            raise
+
+    def release(self, url: str) -> None:
+        """The reader is done with the shard: it may be evicted."""
+        name = self.name(url)
+        with self._lock:
+            n = self._pinned.get(name, 0) - 1
+            if n > 0:
+                self._pinned[name] = n
+            else:
+                self._pinned.pop(name, None)
+
+    def has_room(self, url: str) -> bool:
+        """Whether ``url`` fits beside the shards this process has open."""
+        if (self.dir / self.name(url)).exists():
+            return True
+        with self._lock:
+            pinned = sum(self._file_size(n) for n in self._pinned)
+        return pinned + self.size(url) <= self.limit
+
+    def want(self, urls: Iterable[str]) -> None:
+        """Download these shards in the background, in order, while there is room (the next
+        shards the reader will open); replaces the previous list."""
+        with self._wanted_cv:
+            self._wanted = list(urls)
+            self._wanted_cv.notify()
+        if self._thread is None and self._wanted:
+            self._thread = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                            name="horovod_iter-shard-prefetch")
+            self._thread.start()
+
+    def _prefetch_loop(self) -> None:
+        while not self._closed:
+            with self._wanted_cv:
+                url = next((u for u in self._wanted if u not in self._fetched), None)
+                if url is None:
+                    self._wanted_cv.wait(timeout=1.0)
+                    continue
+            try:
+                if self.has_room(url):
+                    self._ensure(url, self.name(url), evict_for_prefetch=True)
+                    self._fetched.add(url)
+                    continue
+            except Exception:  # the reader meets it again, and reports it
+                self._fetched.add(url)
+                continue
+            with self._wanted_cv:  # no room now: wait for the reader to move on
+                self._wanted_cv.wait(timeout=0.2)
+
+    def close(self) -> None:
+        """Stop the background downloads (a download in progress finishes)."""
+        self._closed = True
+        with self._wanted_cv:
+            self._wanted = []
+            self._wanted_cv.notify()
+        t, self._thread = self._thread, None
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=60)
+
+    def usage(self) -> int:
+        """Bytes of shards in the cache (all processes' files)."""
+        return sum(size for _, size, _ in self._files())
+
+    # -- internals ------------------------------------------------------------------------
+    def _file_size(self, name: str) -> int:
+        try:
+            return (self.dir / name).stat().st_size
+        except OSError:
+            return 0
+
+    def _files(self) -> list[tuple[str, int, float]]:
+        out = []
+        with os.scandir(self.dir) as it:
+            for e in it:
+                if e.name.startswith(".") or not e.is_file():
+                    continue
+                try:
+                    st = e.stat()
+                except OSError:
+                    continue
+                out.append((e.name, st.st_size, st.st_mtime))
+        return out
+
+    def _ensure(self, url: str, name: str, evict_for_prefetch: bool = False) -> Path:
+        target = self.dir / name
+        if target.exists():
+            try:
+                os.utime(target)  # a use: the least recently used go first
+                return target
+            except FileNotFoundError:  # evicted by another process just now
+                pass
+        size = self.size(url)
+        if size > self.limit:
+            raise ShardingError(f"shard {url} is {size} bytes, more than the whole cache "
+                                f"(cache_limit={self.limit}); raise cache_limit")
+        self._make_room(size, keep=name, prefetching=evict_for_prefetch)
+        fs, path = self._filesystem(url)
+        tmp = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+        def download() -> None:
+            try:
+                fs.get_file(path, str(tmp))
+                os.replace(tmp, target)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+
+        self._retry(url, "download", download)
+        self.downloaded_bytes += size
+        return target
+
+    def _make_room(self, incoming: int, keep: str, prefetching: bool) -> None:
+        with self._lock:
+            files = sorted(self._files(), key=lambda f: f[2])  # oldest first
+            total = sum(size for _, size, _ in files)
+            for name, size, _ in files:
+                if total + incoming <= self.limit:
+                    return
+                if name == keep or name in self._pinned:
+                    continue
+                try:
+                    (self.dir / name).unlink()
+                    total -= size
+                    self.evicted += 1
+                except FileNotFoundError:
+                    total -= size
+        # still over: what is left is pinned here or by other processes; a prefetch waits
+        # (the reader asks again when it needs the shard), a reader goes ahead if its own
+        # open shards leave room for it
+        if prefetching:
+            raise _NoRoom()
+
+    def _retry(self, url: str, what: str, fn: Any) -> Any:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise ShardingError(f"shard {url} does not exist (or is not readable with "
+                                    "these storage_options); check the URL and the "
+                                    "shard list") from None
+            except PermissionError as e:
+                raise ShardingError(f"shard {url}: permission denied ({e}); check the "
+                                    "credentials in storage_options / the environment") from e
+            except _PERMANENT:
+                raise
+            except Exception as e:  # network, throttling, a server error: try again
+                if attempt == self.retries:
+                    raise ShardingError(f"shard {url}: {what} failed {attempt + 1} times, "
+                                        f"last with {type(e).__name__}: {e}") from e
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _NoRoom(Exception):
+    """A prefetch would have to evict a shard in use: it stops."""
