@@ -6,8 +6,9 @@ reader, so that a ``read(path)`` written for local files reads ``s3://``, ``gs:/
   never sees half a file), under a name derived from its URL, so ranks and DataLoader workers
   on one host share the cache: a shard another consumer already fetched is not fetched again.
 * The cache holds at most ``limit`` bytes: before a download, the least recently used files
-  (by modification time; a use touches it) are evicted, never one this process has open.
-  Evicting a file another process has open is safe on POSIX (its reader keeps the data).
+  (by modification time; a use touches it) are evicted, never one that a process of the host
+  has open: a reader holds a shared ``flock`` on its shards, an eviction takes an exclusive one
+  first. A consumer opens another shard only while the shards open on the host leave room.
 * Transient errors are retried ``retries`` times with exponential backoff; a shard that does
   not exist is reported at once (`ShardingError` naming the URL), as is one larger than the
   whole cache.
@@ -16,6 +17,8 @@ reader, so that a ``read(path)`` written for local files reads ``s3://``, ``gs:/
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import threading
@@ -28,6 +31,7 @@ from .errors import ShardingError
 
 __all__ = ["ShardCache", "is_remote", "local_path"]
 
+_STALE_S = 3600.0  # a download file untouched this long is a crashed process's: removed
 _PERMANENT = (ValueError, TypeError, ShardingError)  # not worth a retry
 
 
@@ -63,7 +67,7 @@ class ShardCache:
         self.limit = limit
         self.storage_options = dict(storage_options or {})
         self.retries, self.backoff = retries, backoff
-        self._pinned: dict[str, int] = {}      # local name -> open count (this process)
+        self._pinned: dict[str, tuple[int, int]] = {}  # name -> (locked fd, opens) here
         self._sizes: dict[str, int] = {}       # url -> remote size
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -112,33 +116,68 @@ class ShardCache:
 
     # -- use ------------------------------------------------------------------------------
     def open(self, url: str) -> str:
-        """The shard's local path, downloaded if needed, pinned until `release`."""
+        """The shard's local path, downloaded if needed, pinned until `release`: a shared
+        ``flock`` on it, which every process's eviction respects."""
         name = self.name(url)
         with self._lock:
-            self._pinned[name] = self._pinned.get(name, 0) + 1
-        try:
-            return str(self._ensure(url, name))
-        except BaseException:
-            self.release(url)
-            raise
+            if name in self._pinned:
+                fd, n = self._pinned[name]
+                self._pinned[name] = (fd, n + 1)
+                return str(self.dir / name)
+        for _ in range(5):  # evicted between the download and the lock: fetch it again
+            target = self._ensure(url, name)
+            try:
+                fd = os.open(target, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                if os.fstat(fd).st_ino == os.stat(target).st_ino:
+                    with self._lock:
+                        self._pinned[name] = (fd, 1)
+                    return str(target)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise ShardingError(f"shard {url}: evicted from the cache {self.dir} before it could "
+                            "be opened, 5 times; raise cache_limit (the open shards of this "
+                            "host's consumers do not fit)")
 
     def release(self, url: str) -> None:
         """The reader is done with the shard: it may be evicted."""
         name = self.name(url)
         with self._lock:
-            n = self._pinned.get(name, 0) - 1
-            if n > 0:
-                self._pinned[name] = n
-            else:
-                self._pinned.pop(name, None)
+            fd, n = self._pinned.get(name, (-1, 0))
+            if n > 1:
+                self._pinned[name] = (fd, n - 1)
+                return
+            self._pinned.pop(name, None)
+        if fd >= 0:
+            os.close(fd)  # drops the lock
 
     def has_room(self, url: str) -> bool:
-        """Whether ``url`` fits beside the shards this process has open."""
+        """Whether ``url`` fits beside the shards open in any process of this host."""
         if (self.dir / self.name(url)).exists():
             return True
-        with self._lock:
-            pinned = sum(self._file_size(n) for n in self._pinned)
-        return pinned + self.size(url) <= self.limit
+        held = sum(size for name, size, _ in self._files(reserved=True)
+                   if name.startswith(".") or self._in_use(name))  # open, or downloading
+        return held + self.size(url) <= self.limit
+
+    def _in_use(self, name: str) -> bool:
+        """Whether some process (this one included) holds the shard open."""
+        if name in self._pinned:
+            return True
+        try:
+            fd = os.open(self.dir / name, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def want(self, urls: Iterable[str]) -> None:
         """Download these shards in the background, in order, while there is room (the next
@@ -163,6 +202,8 @@ class ShardCache:
                     self._ensure(url, self.name(url), evict_for_prefetch=True)
                     self._fetched.add(url)
                     continue
+            except _NoRoom:
+                pass
             except Exception:  # the reader meets it again, and reports it
                 self._fetched.add(url)
                 continue
@@ -190,15 +231,22 @@ class ShardCache:
         except OSError:
             return 0
 
-    def _files(self) -> list[tuple[str, int, float]]:
+    def _files(self, reserved: bool = False) -> list[tuple[str, int, float]]:
+        """(name, bytes, mtime) of the cached shards; with ``reserved``, also the downloads
+        in progress (their space is reserved up front), which are never evicted."""
         out = []
         with os.scandir(self.dir) as it:
             for e in it:
-                if e.name.startswith(".") or not e.is_file():
+                tmp = e.name.startswith(".") and e.name.endswith(".tmp")
+                if (e.name.startswith(".") and not (reserved and tmp)) or not e.is_file():
                     continue
                 try:
                     st = e.stat()
                 except OSError:
+                    continue
+                if tmp and time.time() - st.st_mtime > _STALE_S:  # a crashed download
+                    with contextlib.suppress(OSError):
+                        os.unlink(e.path)
                     continue
                 out.append((e.name, st.st_size, st.st_mtime))
         return out
@@ -215,42 +263,61 @@ class ShardCache:
         if size > self.limit:
             raise ShardingError(f"shard {url} is {size} bytes, more than the whole cache "
                                 f"(cache_limit={self.limit}); raise cache_limit")
-        self._make_room(size, keep=name, prefetching=evict_for_prefetch)
         fs, path = self._filesystem(url)
         tmp = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        self._reserve(tmp, size, keep=name, prefetching=evict_for_prefetch)
 
         def download() -> None:
-            try:
-                fs.get_file(path, str(tmp))
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            fs.get_file(path, str(tmp))
+            os.replace(tmp, target)
 
-        self._retry(url, "download", download)
+        try:
+            self._retry(url, "download", download)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         self.downloaded_bytes += size
         return target
 
-    def _make_room(self, incoming: int, keep: str, prefetching: bool) -> None:
-        with self._lock:
-            files = sorted(self._files(), key=lambda f: f[2])  # oldest first
-            total = sum(size for _, size, _ in files)
-            for name, size, _ in files:
+    def _reserve(self, tmp: Path, incoming: int, keep: str, prefetching: bool) -> None:
+        """Evict until ``incoming`` bytes fit, and reserve them (a file of that size at
+        ``tmp``), as one step under the host's cache lock, so that consumers downloading at
+        once do not all count the same free space. A prefetch that does not fit raises
+        `_NoRoom`; a reader goes ahead (it needs the shard to make progress)."""
+        lock = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            total = sum(size for _, size, _ in self._files(reserved=True))
+            for name, size, _ in sorted(self._files(), key=lambda f: f[2]):  # oldest first
                 if total + incoming <= self.limit:
-                    return
+                    break
                 if name == keep or name in self._pinned:
                     continue
-                try:
-                    (self.dir / name).unlink()
-                    total -= size
-                    self.evicted += 1
-                except FileNotFoundError:
-                    total -= size
-        # still over: what is left is pinned here or by other processes; a prefetch waits
-        # (the reader asks again when it needs the shard), a reader goes ahead if its own
-        # open shards leave room for it
-        if prefetching:
-            raise _NoRoom()
+                total -= self._evict(name, size)
+            if total + incoming > self.limit and prefetching:
+                raise _NoRoom()
+            with open(tmp, "wb") as f:
+                f.truncate(incoming)
+        finally:
+            os.close(lock)
+
+    def _evict(self, name: str, size: int) -> int:
+        """Remove a shard nobody has open (an exclusive lock first); bytes freed."""
+        try:
+            fd = os.open(self.dir / name, os.O_RDONLY)
+        except FileNotFoundError:
+            return size
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # open in another process
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / name).unlink()
+                self.evicted += 1
+            return size
+        finally:
+            os.close(fd)
 
     def _retry(self, url: str, what: str, fn: Any) -> Any:
         delay = self.backoff

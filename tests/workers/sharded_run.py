@@ -59,6 +59,18 @@ class Counting(IterableDataset):
         self.start = self.pos = state["pos"]
 
 
+def cache_bytes(folder):
+    """Bytes of the shards in the cache now (ones evicted while we look are gone)."""
+    total = 0
+    for e in os.scandir(folder):
+        if not e.name.startswith("."):
+            try:
+                total += e.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def collate(samples):
     return torch.tensor(samples)
 
@@ -94,9 +106,7 @@ try:
         for step, batch in enumerate(loader):
             got.append(batch.tolist())
             if cfg.get("urls"):
-                held = sum(e.stat().st_size for e in os.scandir(cfg["cache_dir"])
-                           if not e.name.startswith("."))
-                out["cache_max"] = max(out.get("cache_max", 0), held)
+                out["cache_max"] = max(out.get("cache_max", 0), cache_bytes(cfg["cache_dir"]))
             if cfg.get("stop_after") is not None and step + 1 == cfg["stop_after"]:
                 if cfg.get("state_on_rank0_only") and b.rank != 0:
                     continue  # the mistake under test: only rank 0 asks for the state
