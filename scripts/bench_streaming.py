@@ -34,6 +34,37 @@ SHARDS = 64
 BATCH = 32
 
 
+def _torchvision_or_stub() -> None:
+    """mosaicml-streaming imports torchvision at import time (for its vision datasets, which
+    this benchmark does not use); PyPI's torchvision does not load against the CPU torch build
+    here. Then give it the two names it imports, so that its streaming code - the code under
+    test - loads unchanged."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        import importlib.machinery
+        import types
+
+        for name in list(sys.modules):
+            if name.startswith("torchvision"):
+                del sys.modules[name]
+        tv = types.ModuleType("torchvision")
+        datasets = types.ModuleType("torchvision.datasets")
+        transforms = types.ModuleType("torchvision.transforms")
+        functional = types.ModuleType("torchvision.transforms.functional")
+        datasets.VisionDataset = type("VisionDataset", (), {})  # type: ignore[attr-defined]
+        datasets.CIFAR10 = type("CIFAR10", (), {})  # type: ignore[attr-defined]
+        functional.to_tensor = lambda x: x  # type: ignore[attr-defined]
+        tv.datasets, tv.transforms = datasets, transforms  # type: ignore[attr-defined]
+        transforms.functional = functional  # type: ignore[attr-defined]
+        for mod in (tv, datasets, transforms, functional):
+            mod.__spec__ = importlib.machinery.ModuleSpec(mod.__name__, None)
+        tv.__version__ = "0.0"  # type: ignore[attr-defined]
+        sys.modules.update({"torchvision": tv, "torchvision.datasets": datasets,
+                            "torchvision.transforms": transforms,
+                            "torchvision.transforms.functional": functional})
+
+
 # -- writing ------------------------------------------------------------------------------
 def payload(i: int, size: int) -> bytes:
     return (i.to_bytes(8, "little") * (size // 8 + 1))[:size]
@@ -203,13 +234,19 @@ def peers() -> list[str]:
     return found
 
 
-def run(peer: str, data: Path, ranks: int, workers: int) -> dict:
+def run(peer: str, data: Path, ranks: int, workers: int, timeout: float = 180) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                "--master_port", str(29500 + os.getpid() % 1000), __file__, "--role", "rank",
                "--peer", peer, "--data", str(data), "--workers", str(workers), "--out", out]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                               start_new_session=True)
+        except subprocess.TimeoutExpired as e:
+            subprocess.run(["pkill", "-9", "-f", out])  # its ranks and their workers
+            return {"error": f"no result within {timeout:.0f} s (hung): "
+                             f"{(e.stderr or b'')[-300:]!r}"}
         res = [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
         if p.returncode or len(res) != ranks:
             return {"error": (p.stderr or p.stdout)[-400:]}
@@ -245,6 +282,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=2_000, help="records of 100 KB")
     ap.add_argument("--only", nargs="*", help="peers to run (default: all installed)")
     a = ap.parse_args()
+    _torchvision_or_stub()
     if a.role == "rank":
         rank_main(a)
         return
