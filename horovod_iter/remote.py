@@ -23,7 +23,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +167,25 @@ class ShardCache:
         """Whether some process (this one included) holds the shard open."""
         if name in self._pinned:
             return True
+        with self._exclusively(name) as free:
+            return free is False
+
+    @contextlib.contextmanager
+    def _exclusively(self, name: str) -> Iterator[bool | None]:
+        """An exclusive, non-blocking ``flock`` on a cached shard, held in the block: True if
+        taken (nobody has it open), False if some process has it open, None if it is gone."""
         try:
             fd = os.open(self.dir / name, os.O_RDONLY)
         except FileNotFoundError:
-            return False
+            yield None
+            return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
         finally:
             os.close(fd)
 
@@ -303,21 +313,15 @@ class ShardCache:
 
     def _evict(self, name: str, size: int) -> int:
         """Remove a shard nobody has open (an exclusive lock first); bytes freed."""
-        try:
-            fd = os.open(self.dir / name, os.O_RDONLY)
-        except FileNotFoundError:
-            return size
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0  # open in another process
-        else:
+        with self._exclusively(name) as free:
+            if free is None:
+                return size  # gone already
+            if not free:
+                return 0  # open in another process
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / name).unlink()
                 self.evicted += 1
             return size
-        finally:
-            os.close(fd)
 
     def _retry(self, url: str, what: str, fn: Any) -> Any:
         delay = self.backoff

@@ -112,17 +112,17 @@ def write_litdata(out: Path, n: int, size: int) -> bool:
 
 # -- reading (one rank, under torchrun) ----------------------------------------------------
 def read_tar(path: str, start: int = 0):
-    """Our reader: (id, payload) pairs of one tar shard, from the start-th record."""
-    with tarfile.open(path, "r|") as tar:
-        k, current = 0, {}
-        for member in tar:
+    """Our reader: (id, payload) pairs of one tar shard, from the start-th record (a resume
+    skips the records before it by their headers: tar's random access seeks over the data)."""
+    with tarfile.open(path, "r:") as tar:
+        current: dict = {}
+        for k, member in enumerate(tar):
+            if k < 2 * start:  # two members per record
+                continue
             f = tar.extractfile(member)
-            ext = member.name.rsplit(".", 1)[1]
-            current[ext] = f.read() if f is not None else b""
+            current[member.name.rsplit(".", 1)[1]] = f.read() if f is not None else b""
             if len(current) == 2:
-                if k >= start:
-                    yield int(current["id"]), current["bin"]
-                k += 1
+                yield int(current["id"]), current["bin"]
                 current = {}
 
 
@@ -174,8 +174,8 @@ def make_loader(peer: str, root: Path, workers: int, state=None):
 
         ds = litdata.StreamingDataset(str(root / "litdata"), shuffle=True, seed=0)
 
-        def lcollate(samples):
-            return torch.tensor([s["id"] for s in samples]), [s["bin"] for s in samples]
+        def lcollate(samples):  # its bytes come as memoryviews: bytes, as the others give
+            return torch.tensor([s["id"] for s in samples]), [bytes(s["bin"]) for s in samples]
 
         loader = litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=workers,
                                              collate_fn=lcollate)

@@ -8,24 +8,14 @@ from collections import Counter
 import numpy as np
 import pytest
 from harness import launch
+from toy_data import Named
 
 import horovod_iter as hi
 
 
-class Source:
-    def __init__(self, name, n):
-        self.name, self.n = name, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return f"{self.name}:{i}"
-
-
 def mix(**kw):
-    return hi.MixedDataset({"web": Source("web", 50), "code": Source("code", 13),
-                            "books": Source("books", 200)}, **{
+    return hi.MixedDataset({"web": Named("web", 50), "code": Named("code", 13),
+                            "books": Named("books", 200)}, **{
         "weights": [0.5, 0.3, 0.2], "samples_per_epoch": 90, "seed": 11, **kw})
 
 
@@ -63,10 +53,10 @@ def test_deterministic_batched_and_checked():
     with pytest.raises(ValueError, match="weights must be 3 positive numbers"):
         mix(weights=[1, 0, 1])
     with pytest.raises(ValueError, match="source 'x' is empty"):
-        hi.MixedDataset({"x": Source("x", 0)})
+        hi.MixedDataset({"x": Named("x", 0)})
     with pytest.raises(TypeError, match="not a map-style dataset"):
         hi.MixedDataset([iter([1])])
-    assert hi.MixedDataset([Source("a", 3), Source("b", 1)]).counts == [3, 1]  # concatenation
+    assert hi.MixedDataset([Named("a", 3), Named("b", 1)]).counts == [3, 1]  # concatenation
 
 
 def test_the_loader_follows_the_epoch_and_reports_the_realised_mix():

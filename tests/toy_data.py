@@ -31,3 +31,16 @@ class Mapped(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.make(i)
+
+
+class Named:
+    """``n`` samples ``"<name>:<i>"``: a source whose samples say where they came from."""
+
+    def __init__(self, name, n):
+        self.name, self.n = name, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return f"{self.name}:{i}"

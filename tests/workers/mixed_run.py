@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from harness import report
+from toy_data import Named
 
 import horovod_iter as hi
 
@@ -14,19 +15,8 @@ cfg = json.loads(sys.argv[1])
 b = hi.init()
 
 
-class Source:
-    def __init__(self, name, n):
-        self.name, self.n = name, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return f"{self.name}:{i}"
-
-
-mix = hi.MixedDataset({"web": Source("web", 50), "code": Source("code", 13),
-                       "books": Source("books", 200)}, weights=[0.5, 0.3, 0.2],
+mix = hi.MixedDataset({"web": Named("web", 50), "code": Named("code", 13),
+                       "books": Named("books", 200)}, weights=[0.5, 0.3, 0.2],
                       samples_per_epoch=90, seed=11)
 loader = hi.DistributedLoader(mix, global_batch_size=cfg["global_batch_size"], uneven="pad",
                               collate_fn=list, timeout=60)
