@@ -1,6 +1,6 @@
 """Streaming data, side by side with the peers, in one run: ShardedDataset vs MosaicML
-Streaming, LitData and WebDataset (whichever are installed: ``pip install mosaicml-streaming
-litdata webdataset``, best in a venv of its own - they pin other versions of transformers).
+Streaming, LitData and WebDataset (whichever are installed: ``pip install -e '.[bench]'
+torch==2.13.0``, best in a venv of its own - mosaicml-streaming pins an older transformers).
 
 The same records are written once in each library's native format (ours and WebDataset's:
 tar shards; Mosaic: MDS; LitData: its optimized chunks), 64 shards, then each is read under

@@ -40,7 +40,16 @@ def dataset_fault() -> None:
     if faulty and ARMED.exists():
         fired = OUT / "fault.json"
         if not fired.exists():  # the fault's time is when it fires, not when it was armed
-            fired.write_text(json.dumps({"t": time.time(), "rank": rank, "in_dataset": True}))
+            # the first process to fire writes it (DataLoader workers fire at once): a
+            # private file, linked into place only if none is there yet
+            tmp = OUT / f".fault.{os.getpid()}.json"
+            tmp.write_text(json.dumps({"t": time.time(), "rank": rank, "in_dataset": True}))
+            try:
+                os.link(tmp, fired)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
         if fault == "dataset_raise":
             raise KeyError("injected: corrupt record")
         if fault == "dataset_stall":
