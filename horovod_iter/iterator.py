@@ -142,8 +142,7 @@ class DistributedIterator:
         backend = loader.backend
         self.num_steps: int | None = source.num_batches
         # a MixedDataset's realised proportions: its sources of the slots handed out
-        self._first_slot = pass_.cursor.slot if pass_.cursor is not None else None
-        self._counted_slot = self._first_slot
+        self._counted_slot = pass_.cursor.slot if pass_.cursor is not None else None
         self._source_counts: Any = None
         empty = None
         if not loader.is_iterable:  # pad: a rank with no batch copies the form of sample 0
