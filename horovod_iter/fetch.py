@@ -228,6 +228,14 @@ class _IterableBatches(IterableDataset[Any]):
             elif self.resume[consumer] is not None:
                 ds.load_state_dict(self.resume[consumer])
         collate = self.opts.collate_fn or default_collate
+        if getattr(ds, "canonical", None):  # the dataset cuts the steps itself
+            batches = ds.step_batches()
+            if stateful and self.resume is not None:
+                ds.load_state_dict(None)
+            for samples in batches:
+                position = {"consumer": consumer, "state": ds.state_dict()}
+                yield collate(samples), position
+            return
         bs, it = self.opts.batch_size, iter(ds)
         if stateful and self.resume is not None and getattr(ds, "elastic_state", False):
             ds.load_state_dict(None)  # in the main process (no workers): only this pass resumes

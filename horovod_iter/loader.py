@@ -370,6 +370,10 @@ class DistributedLoader:
             plan = dataclasses.replace(own.plan(), world=b.size, rank=b.rank)
             counts = [steps_for(c, bs, self.drop_last) for c in plan.counts]
             return min(counts) if self.uneven == "stop" else max(counts)
+        if self._canonical():
+            lay = self.dataset.layout(b.size, max(1, self.num_workers))
+            steps = [lay.rank_batches(r) for r in range(b.size)]
+            return min(steps) if self.uneven == "stop" else max(steps)
         per_consumer = getattr(self.dataset, "consumer_counts", None)
         if self.is_iterable and callable(per_consumer) and \
                 getattr(self.dataset, "sizes", None) is not None:
@@ -482,7 +486,13 @@ class DistributedLoader:
                 self.sampler, pass_.samples, bs, self.drop_last), workers=self._workers)
         elif is_stateful(self.dataset):
             pass_.base = resume.dataset if resume else None
-            self._check_shard_layout(pass_.base)
+            if self._canonical():
+                if not self.in_order:
+                    raise ValueError("the canonical layout of a ShardedDataset needs the "
+                                     "workers' batches in order: use in_order=True")
+                self.dataset.layout(self.backend.size, max(1, self.num_workers))  # checks
+            else:
+                self._check_shard_layout(pass_.base)
             source = host_batches(self.dataset, opts, resume=pass_.base)
         elif resume is not None and resume.finished:
             source = _Empty()
@@ -500,6 +510,14 @@ class DistributedLoader:
         it = DistributedIterator(self, pass_, source, self._iterations)
         self._active = weakref.ref(it)
         return it
+
+    def _canonical(self) -> bool:
+        """A dataset with a canonical layout (``ShardedDataset(canonical_ranks=)``): tell it
+        the global batch its steps are cut for."""
+        if not (self.is_iterable and getattr(self.dataset, "canonical", None)):
+            return False
+        self.dataset.set_batching(self._rank_batch * self.backend.size, self.drop_last)
+        return True
 
     def _check_shard_layout(self, base: Any) -> None:
         """A rank without a shard stops every rank at step 0 under ``stop``/``error``: refuse a
@@ -606,6 +624,9 @@ class DistributedLoader:
             return p.dataset
         if p is None:  # nothing handed out this epoch, on any rank: no need to gather
             return None
+        if self._canonical():  # a count: every rank knows every rank's position
+            return self.dataset.canonical_state(p.steps, p.base, p.world,
+                                                max(1, self.num_workers), p.positions)
         agree = functools.partial(agree_on_state, self.backend, name=f"horovod_iter.{self.id}",
                                   ops=self.messages, serial=self._iterations, step=p.steps,
                                   timeout=self.sync_timeout)

@@ -37,6 +37,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .backend import get_backend
+from .canonical import Layout, check_world, merge_key, merge_offsets, stream_pieces, window_labels
 from .errors import SampleError, ShardingError
 from .permutation import permute
 from .remote import ShardCache, is_remote, local_path
@@ -45,6 +46,7 @@ __all__ = ["ShardedDataset"]
 
 _STATE_TYPE = "horovod_iter.ShardedDataset"
 _STATE_VERSION = 2
+_END = object()
 
 
 class ShardedDataset(IterableDataset[Any]):
@@ -76,6 +78,15 @@ class ShardedDataset(IterableDataset[Any]):
             shards open at once are bounded by it too).
         storage_options: for fsspec (credentials, ``client_kwargs={"endpoint_url": ...}``).
         download_ahead: shards each consumer downloads ahead of the ones it reads.
+        canonical_ranks, canonical_workers: elastic determinism (needs ``sizes``): the
+            epoch's records are cut into ``canonical_ranks x canonical_workers`` streams of
+            equal length, and global step ``k`` takes ``global_batch / canonical_ranks``
+            records from one stream of each canonical rank - so the set of records of every
+            full global batch is the same on any world size that divides ``canonical_ranks``
+            with any ``num_workers`` that divides ``canonical_workers``, at a fixed global
+            batch size (a multiple of ``canonical_ranks``). Its state is a count, which the
+            loader's ``state_dict()`` computes without asking the other ranks. See
+            docs/checkpoints.md.
 
     Use it with `DistributedLoader`, whose ``state_dict()`` then holds the position of
     every consumer (``uneven="pad"`` gives every sample exactly once; ``"stop"`` stops at the
@@ -95,7 +106,8 @@ class ShardedDataset(IterableDataset[Any]):
                  shuffle_buffer: int = 0, interleave: int = 64, rank: int | None = None,
                  num_replicas: int | None = None, cache_dir: str | None = None,
                  cache_limit: int = 8 << 30, storage_options: dict[str, Any] | None = None,
-                 download_ahead: int = 2) -> None:
+                 download_ahead: int = 2, canonical_ranks: int | None = None,
+                 canonical_workers: int = 1) -> None:
         if isinstance(shards, (str, bytes)) or not isinstance(shards, Sequence):
             raise TypeError(f"shards must be a sequence of shard descriptors (e.g. a list of "
                             f"paths), got {type(shards).__name__}")
@@ -118,6 +130,24 @@ class ShardedDataset(IterableDataset[Any]):
         if not isinstance(download_ahead, int) or isinstance(download_ahead, bool) or \
                 download_ahead < 0:
             raise ValueError(f"download_ahead must be an int >= 0, got {download_ahead!r}")
+        if canonical_ranks is not None:
+            for name, v in (("canonical_ranks", canonical_ranks),
+                            ("canonical_workers", canonical_workers)):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            if sizes is None:
+                raise ValueError("the canonical layout (canonical_ranks=) cuts the records "
+                                 "into streams of equal length, which needs the shards' "
+                                 "record counts: pass sizes=")
+            if shuffle_buffer:
+                raise ValueError("the canonical layout does not take a shuffle_buffer (its "
+                                 "position is a count); its windows already merge "
+                                 "`interleave` shards at random: use shuffle_buffer=0")
+        self.canonical = None if canonical_ranks is None else (canonical_ranks,
+                                                                canonical_workers)
+        self._batching: tuple[int, bool] | None = None  # (global batch, drop_last)
+        self._own: dict[int, int] = {}  # canonical: this consumer's streams -> their offsets
+        self._ahead: dict[int, list[str]] = {}  # canonical: a stream's shards to download
         self.shards = list(shards)
         self.read = read
         self.cache_dir = cache_dir or os.environ.get("HOROVOD_ITER_CACHE") or os.path.join(
@@ -157,7 +187,8 @@ class ShardedDataset(IterableDataset[Any]):
         the loader checks it at ``iter()``, so a rank that listed its files differently is
         refused instead of reading other shards than the ranks believe it reads."""
         if self._fingerprint is None:
-            blob = repr((self.shards, self.seed, self.shuffle, self.sizes)).encode()
+            blob = repr((self.shards, self.seed, self.shuffle, self.sizes) + (
+                (self.canonical, self.interleave) if self.canonical else ())).encode()
             digest = hashlib.blake2b(blob, digest_size=8).hexdigest()
             self._fingerprint = f"ShardedDataset({len(self.shards)} shards, {digest})"
         return self._fingerprint
@@ -206,6 +237,8 @@ class ShardedDataset(IterableDataset[Any]):
     def shard_counts(self, consumers: int, resume: dict[str, Any] | None = None) -> list[int]:
         """Shards each of ``consumers`` reads in a pass (from ``resume``, a merged state, or
         the epoch's start): the same on every rank."""
+        if self.canonical is not None:  # every consumer reads records of every stream it owns
+            return [1] * consumers
         base = None if resume is None or self.shuffle_buffer else self._normalise(resume)
         return [len(self._plan(c, consumers, base)) for c in range(consumers)]
 
@@ -219,6 +252,10 @@ class ShardedDataset(IterableDataset[Any]):
         ``sizes``): the same on every rank, so the loader's ``len()`` is too."""
         if self.sizes is None:
             raise TypeError("len() of a ShardedDataset needs the shard sizes: pass sizes=")
+        if self.canonical is not None and self._batching is not None:
+            per, w = consumers // self.num_replicas, self.num_replicas
+            lay = self.layout(w, per)
+            return [lay.worker_records(c // per, c % per) for c in range(consumers)]
         order = self.order()
         return [sum(self.sizes[s] for s in order[c::consumers]) for c in range(consumers)]
 
@@ -228,6 +265,8 @@ class ShardedDataset(IterableDataset[Any]):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         consumers = self.num_replicas * workers
         consumer = self.rank * workers + worker
+        if self.canonical is not None:
+            return itertools.chain.from_iterable(self.step_batches())
         if (self.shuffle_buffer and self._resume is not None
                 and self._resume["consumers"] != consumers):
             raise ValueError(
@@ -264,6 +303,10 @@ class ShardedDataset(IterableDataset[Any]):
     def _open(self, plan: list[tuple[int, int]], i: int) -> tuple[Iterator[Any], int]:
         shard, start = plan[i]
         self._offsets[i] = start
+        return self._reader(shard, start), start
+
+    def _reader(self, shard: int, start: int) -> Iterator[Any]:
+        """Shard ``shard``'s records from the ``start``-th on (downloaded first if remote)."""
         where = self.shards[shard]
         try:
             if is_remote(where):
@@ -271,12 +314,17 @@ class ShardedDataset(IterableDataset[Any]):
             else:
                 where = local_path(where)
             if start and self._seeks:
-                return iter(self.read(where, start=start)), start
-            return itertools.islice(iter(self.read(where)), start, None), start
+                return iter(self.read(where, start=start))
+            return itertools.islice(iter(self.read(where)), start, None)
         except ShardingError:
             raise
         except Exception as e:
             raise self._read_error(shard, start, e) from e
+
+    def _release(self, shard: int) -> None:
+        where = self.shards[shard]
+        if is_remote(where) and self._cache is not None:
+            self._cache.release(where)
 
     def _close_shard(self, plan: list[tuple[int, int]], i: int) -> None:
         where = self.shards[plan[i][0]]
@@ -383,10 +431,165 @@ class ShardedDataset(IterableDataset[Any]):
             self._yielded += 1
             yield sample
 
+    # -- canonical layout -------------------------------------------------------------
+    def set_batching(self, global_batch: int, drop_last: bool = False) -> None:
+        """The global batch size (and ``drop_last``) the canonical layout's steps are cut
+        for; `DistributedLoader` sets it. Outside it, call it before iterating."""
+        if not isinstance(global_batch, int) or isinstance(global_batch, bool) or \
+                global_batch < 1:
+            raise ValueError(f"global_batch must be an int >= 1, got {global_batch!r}")
+        self._batching = (global_batch, bool(drop_last))
+
+    def _pieces(self) -> list[list[tuple[int, int, int]]]:
+        key = (self.epoch, self.canonical)
+        cached = getattr(self, "_pieces_cache", None)
+        if cached is None or cached[0] != key:
+            assert self.canonical is not None and self.sizes is not None
+            r, k = self.canonical
+            cached = (key, stream_pieces(self.order(), self.sizes, r * k))
+            self._pieces_cache = cached
+        return cached[1]
+
+    def layout(self, world: int, workers: int,
+               resume: dict[str, Any] | None = None) -> Layout:
+        """The canonical layout as read by ``world`` ranks x ``workers`` workers, from the
+        saved (normalised) position ``resume`` or the epoch's start; refuses a world that
+        cannot read it, naming the fix."""
+        if self.canonical is None:
+            raise TypeError("this ShardedDataset has no canonical layout (canonical_ranks=)")
+        if self._batching is None:
+            raise ValueError("the canonical layout cuts steps of a global batch size: "
+                             "iterate it with DistributedLoader, or call "
+                             "set_batching(global_batch) first")
+        r, k = self.canonical
+        g, drop = self._batching
+        lengths = tuple(sum(b - a for _, a, b in p) for p in self._pieces())
+        check_world(r, k, world, workers, g, sum(lengths))
+        if resume is not None and resume["epoch"] == self.epoch:
+            return Layout(r, k, lengths, world, workers, g, resume["step"],
+                          tuple(resume["positions"]), drop)
+        return Layout(r, k, lengths, world, workers, g, drop_last=drop)
+
+    def step_batches(self) -> Iterator[list[Any]]:
+        """This consumer's batches under the canonical layout: one list of records per step
+        it is asked for (torch's DataLoader asks worker ``j`` for steps ``j, j+w, ...``)."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        lay = self.layout(self.num_replicas, workers, self._resume)
+        pieces = self._pieces()
+        offsets = lay.offsets()
+        kinds = lay.steps(self.rank, worker)
+        self._consumer = (self.rank * workers + worker, self.num_replicas * workers)
+        self._own = {s: offsets[s] for kind in set(kinds)
+                     for s in lay._streams(self.rank, kind)}
+        return self._run_steps(lay, pieces, offsets, kinds)
+
+    def _run_steps(self, lay: Layout, pieces: list[list[tuple[int, int, int]]],
+                   offsets: list[int], kinds: list[int]) -> Iterator[list[Any]]:
+        streams: dict[int, Iterator[Any]] = {}
+        self._ahead = {}
+        try:
+            for kind in kinds:
+                batch: list[Any] = []
+                for s, n in lay.batch(self.rank, kind, offsets):
+                    it = streams.get(s)
+                    if it is None:
+                        it = streams[s] = self._stream(s, pieces[s], offsets[s])
+                    batch.extend(itertools.islice(it, n))
+                    offsets[s] += n
+                    self._own[s] = offsets[s]
+                yield batch
+        finally:
+            for it in streams.values():
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+            if self.remote and self._cache is not None:
+                self._cache.want([])
+
+    def _stream(self, stream: int, pieces: list[tuple[int, int, int]],
+                start: int) -> Iterator[Any]:
+        """Canonical stream ``stream`` from its record ``start`` on: window after window of
+        ``interleave`` pieces, each a seeded uniformly random merge of its pieces."""
+        at = 0
+        assert self.sizes is not None
+        for w in range(0, len(pieces), self.interleave):
+            window = pieces[w:w + self.interleave]
+            lengths = [b - a for _, a, b in window]
+            n = sum(lengths)
+            if start >= at + n:
+                at += n
+                continue
+            skip, at = max(0, start - at), at + n
+            if self.remote and self.download_ahead:  # the stream's next window, ahead
+                nxt = pieces[w + self.interleave:w + self.interleave + self.download_ahead]
+                self._ahead[stream] = [u for u in (self.shards[p[0]] for p in nxt)
+                                       if is_remote(u)]
+                self.cache().want([u for urls in self._ahead.values() for u in urls])
+            key = merge_key(self.seed, self.epoch, stream, w)
+            done = merge_offsets(key, lengths, skip) if skip else [0] * len(window)
+            left = [n_ - d for n_, d in zip(lengths, done)]
+            readers: list[Iterator[Any] | None] = [None] * len(window)
+            try:
+                for i, (shard, a, _) in enumerate(window):
+                    if left[i]:
+                        readers[i] = self._reader(shard, a + done[i])
+                for labels in window_labels(key, lengths, skip):
+                    for i in labels.tolist():
+                        shard, a, b = window[i]
+                        try:
+                            record = next(readers[i])
+                        except StopIteration:
+                            raise SampleError(
+                                f"rank {self.rank}: shard {self.shards[shard]!r} (#{shard}) "
+                                f"ended at record {b - left[i]}, but sizes= says it has "
+                                f"{self.sizes[shard]}: give the true record counts") from None
+                        except Exception as e:
+                            raise self._read_error(shard, b - left[i], e) from e
+                        left[i] -= 1
+                        if not left[i]:
+                            if b == self.sizes[shard] and next(readers[i], _END) is not _END:
+                                raise SampleError(
+                                    f"rank {self.rank}: shard {self.shards[shard]!r} (#{shard}) "
+                                    f"has more records than sizes= says ({self.sizes[shard]}): "
+                                    "give the true record counts")
+                            readers[i] = None
+                            self._release(shard)
+                        yield record
+            finally:
+                for i, r in enumerate(readers):
+                    if r is not None:
+                        self._release(window[i][0])
+
+    def canonical_state(self, steps: int, base: dict[str, Any] | None, world: int,
+                        workers: int, local: dict[int, Any]) -> dict[str, Any]:
+        """The position after ``steps`` batches of this epoch on every rank: a count, so it
+        needs no other rank's word. ``local`` (this rank's consumers' own offsets) is checked
+        against it: a difference is a bug, never a silent resume."""
+        resume = self._normalise(base) if base is not None else None
+        lay = self.layout(world, workers, resume)
+        positions = lay.positions(max(0, steps - lay.start))
+        for c, st in local.items():
+            for s, off in (st or {}).get("streams", ()):
+                if positions[s] != off:
+                    raise RuntimeError(
+                        f"rank {self.rank}: consumer {c} read stream {s} to record {off}, but "
+                        f"the canonical layout says {positions[s]} after {steps} steps; the "
+                        "position cannot be saved exactly (please report this bug)")
+        r, k = self.canonical or (0, 0)
+        return {"type": _STATE_TYPE, "version": _STATE_VERSION, "layout": "canonical",
+                "epoch": self.epoch, "shards": len(self.shards), "seed": self.seed,
+                "shuffle": self.shuffle, "canonical": [r, k], "interleave": self.interleave,
+                "sizes": _digest(self.sizes), "step": steps,
+                "global_batch": lay.global_batch, "positions": positions}
+
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This consumer's position as of the samples it yielded (inside its worker)."""
         consumer, consumers = self._consumer
+        if self.canonical is not None:
+            return {"consumer": consumer, "consumers": consumers, "epoch": self.epoch,
+                    "streams": sorted([s, o] for s, o in self._own.items())}
         return {"consumer": consumer, "consumers": consumers, "epoch": self.epoch,
                 "finished": sorted(self._finished),
                 "offsets": sorted([i, o] for i, o in self._offsets.items()),
@@ -431,6 +634,15 @@ class ShardedDataset(IterableDataset[Any]):
         """Validate a merged state; return it with ``done`` as a set and ``partial`` a dict."""
         if not isinstance(state, dict) or state.get("type") != _STATE_TYPE:
             raise ValueError(f"not a ShardedDataset state: {state!r:.200}")
+        if (state.get("layout") == "canonical") != (self.canonical is not None):
+            saved = (f"canonical_ranks={state['canonical'][0]}, canonical_workers="
+                     f"{state['canonical'][1]}" if state.get("layout") == "canonical"
+                     and isinstance(state.get("canonical"), list) else "no canonical layout")
+            raise ValueError(f"the ShardedDataset state was saved with {saved}, but this "
+                             f"dataset has canonical={self.canonical!r}; build it as it was "
+                             "saved to resume")
+        if self.canonical is not None:
+            return self._normalise_canonical(state)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"ShardedDataset state version {state.get('version')!r} is not "
                              f"supported (expected {_STATE_VERSION})")
@@ -458,6 +670,43 @@ class ShardedDataset(IterableDataset[Any]):
         return {"epoch": int(state["epoch"]), "consumers": consumers,
                 "redealt": state["redealt"], "done": done, "partial": partial,
                 "yielded": yielded}
+
+    def _normalise_canonical(self, state: dict[str, Any]) -> dict[str, Any]:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"ShardedDataset state version {state.get('version')!r} is not "
+                             f"supported (expected {_STATE_VERSION})")
+        for key, mine in (("shards", len(self.shards)), ("seed", self.seed),
+                          ("shuffle", self.shuffle), ("canonical", list(self.canonical or ())),
+                          ("interleave", self.interleave), ("sizes", _digest(self.sizes))):
+            if state.get(key) != mine:
+                saved, now = state.get(key), mine
+                if key == "canonical" and isinstance(saved, list) and len(saved) == 2:
+                    r, k = self.canonical or (0, 0)
+                    saved, now = (f"canonical_ranks={saved[0]}, canonical_workers={saved[1]}",
+                                  f"canonical_ranks={r}, canonical_workers={k}")
+                else:
+                    saved, now = f"{key}={saved!r}", f"{key}={now!r}"
+                what = "other shard sizes than this dataset's" if key == "sizes" else \
+                    f"{saved}, but this dataset has {now}"
+                raise ValueError(f"the ShardedDataset state was saved with {what}: its "
+                                 "positions would name other records. Build the dataset as "
+                                 "it was saved")
+        try:
+            positions = [int(p) for p in state["positions"]]
+            r, k = self.canonical or (1, 1)
+            ok = (len(positions) == r * k and all(p >= 0 for p in positions)
+                  and int(state["step"]) >= 0 and int(state["epoch"]) >= 0)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("invalid canonical ShardedDataset state: expected 'epoch', "
+                             "'step' and 'positions' (one offset per canonical stream)")
+        return {"epoch": int(state["epoch"]), "step": int(state["step"]),
+                "positions": positions}
+
+
+def _digest(values: Any) -> str:
+    return hashlib.blake2b(repr(values).encode(), digest_size=8).hexdigest()
 
 
 def _ranges(values: list[int]) -> list[list[int]]:

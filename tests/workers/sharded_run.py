@@ -1,6 +1,7 @@
 """A ShardedDataset of JSONL shards through the loader on every rank.
 
-argv[1]: JSON config: dir (shards written there by the test), batch_size, workers, uneven,
+argv[1]: JSON config: dir (shards written there by the test), batch_size (or
+global_batch_size), workers, uneven, canonical ([ranks, workers]: the canonical layout),
 epochs (list of epochs to run), stop_after (steps, then save the state to state_out on every
 rank: a collective), state_in (load before iterating), raise_shard (a shard index whose read
 raises), stateful_stream (use a custom stateful IterableDataset instead: n samples per rank).
@@ -91,9 +92,16 @@ try:
             shards.reverse()
         sizes = ([sum(1 for _ in open(p)) for p in shards] if cfg.get("with_sizes")
                  else None)
+        canonical = cfg.get("canonical") or [None, 1]
+        if canonical[0] is not None:
+            sizes = [sum(1 for _ in open(p)) for p in shards]
         ds = hi.ShardedDataset(shards, read, seed=3, shuffle_buffer=cfg.get("buffer", 0),
-                               sizes=sizes)
-    loader = hi.DistributedLoader(ds, batch_size=cfg["batch_size"], uneven=cfg.get("uneven", "pad"),
+                               sizes=sizes, canonical_ranks=canonical[0],
+                               canonical_workers=canonical[1],
+                               interleave=cfg.get("interleave", 64))
+    size = ({"global_batch_size": cfg["global_batch_size"]} if cfg.get("global_batch_size")
+            else {"batch_size": cfg["batch_size"]})
+    loader = hi.DistributedLoader(ds, **size, uneven=cfg.get("uneven", "pad"),
                                   num_workers=cfg.get("workers", 0), collate_fn=collate,
                                   timeout=60)
     if cfg.get("state_in"):
@@ -110,6 +118,8 @@ try:
             if cfg.get("stop_after") is not None and step + 1 == cfg["stop_after"]:
                 if cfg.get("state_on_rank0_only") and b.rank != 0:
                     continue  # the mistake under test: only rank 0 asks for the state
+                if cfg.get("rank0_saves") and b.rank != 0:
+                    break  # a canonical layout's state is a count: rank 0 alone may ask
                 state = loader.state_dict()  # every rank: it gathers the consumers' positions
                 if b.rank == 0:
                     Path(cfg["state_out"]).write_text(json.dumps(state))
