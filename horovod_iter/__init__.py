@@ -12,7 +12,8 @@ Public API (everything else is private and may change):
 * ``EpochPlan``: the pure layout of an epoch over the ranks.
 * ``CudaPrefetcher``: side-stream host->GPU prefetch around any iterable.
 * ``ShardedDataset``: streaming shards, each read once over the world, resumable on any world.
-* ``MixedDataset``: map-style sources mixed in fixed proportions, per-source epochs.
+* ``MixedDataset``: sources mixed in fixed proportions, per-source epochs (map-style; or
+  streaming ``ShardedDataset``s with a canonical layout, as a ``MixedStream``).
 * ``shard``: split an iterable by rank and DataLoader worker (every consumer reads it all).
 * The exceptions of ``horovod_iter.errors``.
 
@@ -40,7 +41,7 @@ from .errors import (
 from .fetch import shard
 from .iterator import DistributedIterator
 from .loader import DistributedLoader
-from .mixing import MixedDataset
+from .mixing import MixedDataset, MixedStream
 from .padding import flag_padding, mask_labels
 from .plan import EpochPlan
 from .prefetch import CudaPrefetcher
@@ -62,6 +63,7 @@ __all__ = [
     "HorovodIterError",
     "LengthGroupedBatchSampler",
     "MixedDataset",
+    "MixedStream",
     "OutOfRangeError",
     "RankFailureError",
     "SampleError",

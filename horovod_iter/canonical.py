@@ -21,13 +21,15 @@ Everything here is a pure function of its arguments; no I/O.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Layout", "check_world", "merge_key", "merge_offsets", "stream_pieces", "window_labels"]
+__all__ = ["Layout", "check_world", "merge_key", "merge_offsets", "stream_lengths", "stream_pieces",
+           "stream_position", "window_labels"]
 
 BLOCK = 1024  # records per block of a window's merge
 
@@ -172,12 +174,36 @@ def check_world(ranks: int, kinds: int, world: int, workers: int, global_batch: 
                          f"canonical_workers = {ranks * kinds} records, the data has {records}")
 
 
-def stream_pieces(order: Sequence[int], sizes: Sequence[int],
-                  streams: int) -> list[list[tuple[int, int, int]]]:
+def stream_lengths(total: int, streams: int, epoch: int = 0) -> list[int]:
+    """Records of each stream in ``epoch``: ``total // streams``, and one more for
+    ``total % streams`` of them - which ones rotates with the epoch, so that over epochs every
+    stream has as many records (a stream read at the same rate as the others, through its
+    epochs one after another, then favours none of them)."""
+    q, rem = divmod(total, streams)
+    return [q + (((c - epoch * rem) % streams) < rem) for c in range(streams)]
+
+
+def stream_position(total: int, streams: int, stream: int, start: int) -> tuple[int, int]:
+    """(epoch, offset) of record ``start`` of ``stream`` read through its epochs in turn."""
+    rem = total % streams
+    period = streams // math.gcd(streams, rem) if rem else 1
+    per = [stream_lengths(total, streams, e)[stream] for e in range(period)]
+    full, start = divmod(start, sum(per))
+    e = full * period
+    for n in per:
+        if start < n:
+            break
+        start -= n
+        e += 1
+    return e, start
+
+
+def stream_pieces(order: Sequence[int], sizes: Sequence[int], streams: int,
+                  epoch: int = 0) -> list[list[tuple[int, int, int]]]:
     """Each stream's pieces ``(shard, start, stop)``: the epoch's records (shards in
-    ``order``) cut into ``streams`` runs of equal length (+-1)."""
+    ``order``) cut into ``streams`` runs of equal length (+-1, see `stream_lengths`)."""
     total = sum(sizes[s] for s in order)
-    bounds = [c * total // streams for c in range(streams + 1)]
+    bounds = np.cumsum([0, *stream_lengths(total, streams, epoch)]).tolist()
     out: list[list[tuple[int, int, int]]] = [[] for _ in range(streams)]
     c, at = 0, 0
     for s in order:

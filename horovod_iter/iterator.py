@@ -228,6 +228,11 @@ class DistributedIterator:
         """``source_counts`` and ``source_proportions`` of a `MixedDataset`: the samples this
         rank handed out, by source (counted incrementally from the slots taken)."""
         ds, cursor = self._loader.dataset, self._pass.cursor
+        of_steps = getattr(ds, "rank_source_counts", None)
+        if callable(of_steps):  # a MixedStream: the shares follow from the step
+            counts = of_steps(self._pass.steps)
+            return {"source_counts": dict(zip(ds.names, counts)),
+                    "source_proportions": ds.proportions(counts)}
         source_of = getattr(ds, "source_of", None)
         if cursor is None or self._counted_slot is None or not callable(source_of):
             return {}

@@ -440,13 +440,15 @@ class ShardedDataset(IterableDataset[Any]):
             raise ValueError(f"global_batch must be an int >= 1, got {global_batch!r}")
         self._batching = (global_batch, bool(drop_last))
 
-    def _pieces(self) -> list[list[tuple[int, int, int]]]:
-        key = (self.epoch, self.canonical)
+    def _pieces(self, epoch: int | None = None) -> list[list[tuple[int, int, int]]]:
+        """Each canonical stream's pieces in ``epoch`` (default: the current one)."""
+        e = self.epoch if epoch is None else epoch
+        key = (e, self.canonical)
         cached = getattr(self, "_pieces_cache", None)
         if cached is None or cached[0] != key:
             assert self.canonical is not None and self.sizes is not None
             r, k = self.canonical
-            cached = (key, stream_pieces(self.order(), self.sizes, r * k))
+            cached = (key, stream_pieces(self.order(e), self.sizes, r * k, e))
             self._pieces_cache = cached
         return cached[1]
 
@@ -508,9 +510,11 @@ class ShardedDataset(IterableDataset[Any]):
                 self._cache.want([])
 
     def _stream(self, stream: int, pieces: list[tuple[int, int, int]],
-                start: int) -> Iterator[Any]:
-        """Canonical stream ``stream`` from its record ``start`` on: window after window of
-        ``interleave`` pieces, each a seeded uniformly random merge of its pieces."""
+                start: int, epoch: int | None = None) -> Iterator[Any]:
+        """Canonical stream ``stream`` (of ``epoch``, default the current one) from its
+        record ``start`` on: window after window of ``interleave`` pieces, each a seeded
+        uniformly random merge of its pieces."""
+        epoch = self.epoch if epoch is None else epoch
         at = 0
         assert self.sizes is not None
         for w in range(0, len(pieces), self.interleave):
@@ -526,7 +530,7 @@ class ShardedDataset(IterableDataset[Any]):
                 self._ahead[stream] = [u for u in (self.shards[p[0]] for p in nxt)
                                        if is_remote(u)]
                 self.cache().want([u for urls in self._ahead.values() for u in urls])
-            key = merge_key(self.seed, self.epoch, stream, w)
+            key = merge_key(self.seed, epoch, stream, w)
             done = merge_offsets(key, lengths, skip) if skip else [0] * len(window)
             left = [n_ - d for n_, d in zip(lengths, done)]
             readers: list[Iterator[Any] | None] = [None] * len(window)

@@ -10,6 +10,7 @@ tar shards; Mosaic: MDS; LitData: its optimized chunks), 64 shards, then each is
 * ``MB/s/rank``: payload MB per second per rank (large records, 100 KB);
 * ``first``: seconds from iter() to the first batch, and ``resume``: the same after a
   mid-epoch state_dict() / load_state_dict() (peers without a resumable loader: -);
+* ``state_dict``: milliseconds of a mid-epoch ``state_dict()`` (the slowest rank);
 * ``once``: every record exactly once over the ranks ("yes", or how many were missing / twice).
 
 The last column is each row's ratio to the best peer on that metric (higher is better for
@@ -72,6 +73,7 @@ def payload(i: int, size: int) -> bytes:
 
 def write_tar(out: Path, n: int, size: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / "count.json").write_text(json.dumps(n))
     for s in range(SHARDS):
         with tarfile.open(out / f"s{s:03d}.tar", "w") as tar:
             for i in range(s, n, SHARDS):
@@ -140,11 +142,18 @@ def make_loader(peer: str, root: Path, workers: int, state=None):
     import torch
     from torch.utils.data import DataLoader
 
-    if peer == "horovod_iter":
+    if peer.startswith("horovod_iter"):
         import horovod_iter as hi
 
         shards = sorted(str(p) for p in (root / "tar").glob("*.tar"))
-        ds = hi.ShardedDataset(shards, read_tar, seed=0)
+        if peer == "horovod_iter-canonical":  # elastic determinism: needs the sizes
+            n = json.loads((root / "tar" / "count.json").read_text())
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            ds = hi.ShardedDataset(shards, read_tar, seed=0, canonical_ranks=world,
+                                   canonical_workers=2, sizes=[
+                                       len(range(s, n, SHARDS)) for s in range(SHARDS)])
+        else:
+            ds = hi.ShardedDataset(shards, read_tar, seed=0)
         loader = hi.DistributedLoader(ds, batch_size=BATCH, num_workers=workers,
                                       collate_fn=collate, uneven="pad", timeout=600)
         if state is not None:
@@ -207,13 +216,15 @@ def rank_main(a: argparse.Namespace) -> None:
         nbytes += bytes_of(batch)
     out.update(elapsed=time.perf_counter() - t0, first=first, ids=ids, bytes=nbytes)
     # mid-epoch resume: half an epoch, state_dict(), a new loader from it, its first batch
-    if a.peer in ("horovod_iter", "mosaicml-streaming", "litdata"):
+    if a.peer.startswith("horovod_iter") or a.peer in ("mosaicml-streaming", "litdata"):
         try:
             loader, ids_of, _ = make_loader(a.peer, root, a.workers)
             it = iter(loader)
             for _ in range(max(1, len(ids) // BATCH // 2)):
                 next(it)
+            t2 = time.perf_counter()
             state = loader.state_dict()
+            out["state"] = time.perf_counter() - t2
             del it
             loader2, _, _ = make_loader(a.peer, root, a.workers, state=state)
             t1 = time.perf_counter()
@@ -227,7 +238,7 @@ def rank_main(a: argparse.Namespace) -> None:
 
 # -- the driver ----------------------------------------------------------------------------
 def peers() -> list[str]:
-    found = ["horovod_iter"]
+    found = ["horovod_iter", "horovod_iter-canonical"]
     for name, module in (("webdataset", "webdataset"), ("mosaicml-streaming", "streaming"),
                          ("litdata", "litdata")):
         try:
@@ -258,7 +269,9 @@ def run(peer: str, data: Path, ranks: int, workers: int, timeout: float = 180) -
     elapsed = max(r["elapsed"] for r in res)
     per_rank = len(ids) / ranks / elapsed
     resume = [r.get("resume") for r in res]
-    return {"rec_s": per_rank, "mb_s": sum(r["bytes"] for r in res) / ranks / elapsed / 1e6,
+    states = [r["state"] for r in res if "state" in r]
+    return {"state": max(states) if len(states) == ranks else None, "rec_s": per_rank,
+            "mb_s": sum(r["bytes"] for r in res) / ranks / elapsed / 1e6,
             "first": max(r["first"] or 0 for r in res),
             "resume": max(resume) if all(x is not None for x in resume) else None,
             "resume_error": next((r["resume_error"] for r in res if "resume_error" in r), None),
@@ -296,7 +309,7 @@ def main() -> None:
         for kind, n, size in (("small", a.small, 100), ("large", a.large, 100_000)):
             data = Path(tmp) / kind
             write_tar(data / "tar", n, size)
-            have = {"horovod_iter": True, "webdataset": True,
+            have = {"horovod_iter": True, "horovod_iter-canonical": True, "webdataset": True,
                     "mosaicml-streaming": "mosaicml-streaming" in names
                     and write_mds(data / "mds", n, size),
                     "litdata": "litdata" in names and write_litdata(data / "litdata", n, size)}
@@ -317,22 +330,23 @@ def main() -> None:
     print(f"\n{a.ranks} ranks (torchrun, gloo), {SHARDS} shards, batch {BATCH}, one shuffled "
           "epoch; ratio: ours / best peer (throughput: higher is better; latency: lower)\n")
     print("| records | workers | library | rec/s/rank | MB/s/rank | first batch (s) | "
-          "after resume (s) | exactly once |")
-    print("|---|---|---|---|---|---|---|---|")
+          "after resume (s) | state_dict (ms) | exactly once |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['kind']} | {r['workers']} | {r['peer']} | error | | | | |")
+            print(f"| {r['kind']} | {r['workers']} | {r['peer']} | error | | | | | |")
             continue
         resume = f"{r['resume']:.3f}" if r["resume"] is not None else "-"
+        state = f"{r['state'] * 1e3:.1f}" if r.get("state") is not None else "-"
         print(f"| {r['kind']} | {r['workers']} | {r['peer']} | {r['rec_s']:.0f} | "
-              f"{r['mb_s']:.1f} | {r['first']:.3f} | {resume} | {r['once']} |")
+              f"{r['mb_s']:.1f} | {r['first']:.3f} | {resume} | {state} | {r['once']} |")
     print()
     for kind in ("small", "large"):
         for workers in (0, 2):
             group = [r for r in rows if r["kind"] == kind and r["workers"] == workers
                      and "error" not in r]
             ours = next((r for r in group if r["peer"] == "horovod_iter"), None)
-            others = [r for r in group if r["peer"] != "horovod_iter"]
+            others = [r for r in group if not r["peer"].startswith("horovod_iter")]
             if ours is None or not others:
                 continue
             exact = [r for r in others if r["once"] == "yes"]

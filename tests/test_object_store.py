@@ -141,3 +141,18 @@ def test_transient_errors_are_retried_with_backoff_and_then_reported(tmp_path):
         list(again)
     with pytest.raises(ValueError, match="cache_limit must be a positive number of bytes"):
         hi.ShardedDataset(["flaky://d/s0.txt"], read, cache_limit=0)
+
+
+def test_s3_shards_under_the_canonical_layout_resume_from_rank_0s_count(s3, tmp_path):
+    """Elastic determinism over S3: 2 ranks x 2 workers read the canonical layout (shards
+    split between streams, read with the cache), rank 0 alone saves the position (a count),
+    and 3 ranks without workers read the rest: every record once."""
+    endpoint, _ = s3
+    state = tmp_path / "state.json"
+    canon = dict(canonical=[6, 2], sizes=SIZES, global_batch_size=12)
+    first = run(2, tmp_path, endpoint, workers=2, stop_after=8, state_out=str(state),
+                rank0_saves=True, **canon)
+    second = run(3, tmp_path, endpoint, cache="cache2", state_in=str(state), **canon)
+    assert [r["error"] for r in first + second] == [None] * 5, first + second
+    assert sorted(all_ids(first) + all_ids(second)) == list(range(sum(SIZES)))
+    assert len(all_ids(first)) == 8 * 12

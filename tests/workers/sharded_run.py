@@ -83,9 +83,12 @@ try:
     if cfg.get("stateful_stream"):
         ds = Counting(cfg["stateful_stream"], f"{cfg['gen_dir']}/gen-{b.rank}")
     elif cfg.get("urls"):
+        canonical = cfg.get("canonical") or [None, 1]
         ds = hi.ShardedDataset(cfg["urls"], read, seed=3, cache_dir=cfg["cache_dir"],
                                cache_limit=cfg["cache_limit"], storage_options={
-                                   "client_kwargs": {"endpoint_url": cfg["endpoint"]}})
+                                   "client_kwargs": {"endpoint_url": cfg["endpoint"]}},
+                               sizes=cfg.get("sizes"), canonical_ranks=canonical[0],
+                               canonical_workers=canonical[1])
     else:
         shards = sorted(str(p) for p in Path(cfg["dir"]).glob("s*.jsonl"))
         if cfg.get("reversed_on_rank") == b.rank:  # e.g. an unsorted directory listing
