@@ -680,6 +680,7 @@ class DistributedLoader:
         self.messages.value = max(self.messages.value, s[MESSAGES])
         dataset = None
         if self.is_iterable and is_stateful(self.dataset):
+            self._canonical()  # a canonical layout checks the state against its global batch
             dataset = check_dataset_state(self.dataset, s.get(DATASET), self._consumers())
         self._pending = Resume(s[STEPS], s[SAMPLES], s[FINISHED], dataset)
 

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from .backend import get_backend
 from .canonical import check_world, stream_position
 from .permutation import permute
+from .sharded import ShardedDataset
 
 __all__ = ["MixedDataset", "MixedStream"]
 
@@ -222,8 +223,6 @@ class MixedStream(IterableDataset[Any]):
                  weights: Sequence[float] | None = None, *, samples_per_epoch: int | None = None,
                  seed: int | None = None, shuffle: bool | None = None,
                  rank: int | None = None, num_replicas: int | None = None) -> None:
-        from .sharded import ShardedDataset
-
         if seed is not None or shuffle is not None:
             raise ValueError("a MixedStream takes its order from its sources: give seed= and "
                              "shuffle= to each ShardedDataset, not to the mix")

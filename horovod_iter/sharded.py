@@ -252,7 +252,11 @@ class ShardedDataset(IterableDataset[Any]):
         ``sizes``): the same on every rank, so the loader's ``len()`` is too."""
         if self.sizes is None:
             raise TypeError("len() of a ShardedDataset needs the shard sizes: pass sizes=")
-        if self.canonical is not None and self._batching is not None:
+        if self.canonical is not None:
+            if self._batching is None:
+                raise TypeError("len() of a ShardedDataset with a canonical layout needs the "
+                                "global batch its steps are cut for: set_batching() "
+                                "(DistributedLoader does)")
             per, w = consumers // self.num_replicas, self.num_replicas
             lay = self.layout(w, per)
             return [lay.worker_records(c // per, c % per) for c in range(consumers)]
