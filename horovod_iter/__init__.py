@@ -15,6 +15,7 @@ Public API (everything else is private and may change):
 * ``MixedDataset``: sources mixed in fixed proportions, per-source epochs (map-style; or
   streaming ``ShardedDataset``s with a canonical layout, as a ``MixedStream``).
 * ``shard``: split an iterable by rank and DataLoader worker (every consumer reads it all).
+* ``read_tar``: a fast, resumable reader of WebDataset-layout tar shards.
 * The exceptions of ``horovod_iter.errors``.
 
 With Horovod installed, importing the package registers the Horovod elastic state handlers
@@ -39,6 +40,7 @@ from .errors import (
     UnevenDataError,
 )
 from .fetch import shard
+from .formats import read_tar
 from .iterator import DistributedIterator
 from .loader import DistributedLoader
 from .mixing import MixedDataset, MixedStream
@@ -75,6 +77,7 @@ __all__ = [
     "get_backend",
     "init",
     "mask_labels",
+    "read_tar",
     "shard",
     "shutdown",
 ]

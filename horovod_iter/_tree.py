@@ -212,6 +212,9 @@ def fill_rows(batch: Any, row: Any, total: int) -> Any:
     return _walk(batch, fill, _is_row_leaf)
 
 
+_FLAT = (bytes, str, int, float, bool)
+
+
 def host_bytes(obj: Any, _depth: int = 0) -> int:
     """Memory a batch holds, estimated: tensors and arrays by their data, ``bytes``/``str``
     by ``sys.getsizeof``, containers by their items plus themselves, anything else by
@@ -232,6 +235,10 @@ def host_bytes(obj: Any, _depth: int = 0) -> int:
         return sys.getsizeof(obj) + sum(host_bytes(k, _depth + 1) + host_bytes(v, _depth + 1)
                                         for k, v in obj.items())
     if isinstance(obj, (list, tuple, set, frozenset)):
+        if obj:  # the common batch of raw records (bytes, str, numbers): one pass in C
+            t = type(next(iter(obj)))
+            if t in _FLAT and all(type(v) is t for v in obj):
+                return sys.getsizeof(obj) + sum(map(sys.getsizeof, obj))
         return sys.getsizeof(obj) + sum(host_bytes(v, _depth + 1) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return sys.getsizeof(obj) + sum(host_bytes(getattr(obj, f.name), _depth + 1)

@@ -599,8 +599,7 @@ class ShardedDataset(IterableDataset[Any]):
             return {"consumer": consumer, "consumers": consumers, "epoch": self.epoch,
                     "streams": sorted([s, o] for s, o in self._own.items())}
         return {"consumer": consumer, "consumers": consumers, "epoch": self.epoch,
-                "finished": sorted(self._finished),
-                "offsets": sorted([i, o] for i, o in self._offsets.items()),
+                "finished": list(self._finished), "offsets": list(self._offsets.items()),
                 "yielded": self._yielded}
 
     def merge_states(self, states: Sequence[dict[str, Any] | None], consumers: int,

@@ -114,7 +114,16 @@ def write_litdata(out: Path, n: int, size: int) -> bool:
 
 # -- reading (one rank, under torchrun) ----------------------------------------------------
 def read_tar(path: str, start: int = 0):
-    """Our reader: (id, payload) pairs of one tar shard, from the start-th record. A resume
+    """Our reader: (id, payload) pairs of one tar shard from the start-th record, through
+    ``hi.read_tar`` (WebDataset's layout; it parses the headers itself and seeks on resume)."""
+    import horovod_iter as hi
+
+    for s in hi.read_tar(path, start):
+        yield int(s["id"]), s["bin"]
+
+
+def read_tar_tarfile(path: str, start: int = 0):
+    """The same through Python's ``tarfile`` (what a user's own reader would do): a resume
     seeks over the records before it by their headers' size fields (no data read), then
     streams from there."""
     with open(path, "rb") as f:
