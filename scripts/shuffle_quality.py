@@ -32,9 +32,12 @@ def streams(counts: list[int], ranks: int, **kw) -> list[list[int]]:
     def read(s: int, start: int = 0):
         return iter(range(starts[s] + start, starts[s] + counts[s]))
 
+    batch = kw.pop("global_batch", None)
     out = []
     for r in range(ranks):
         ds = hi.ShardedDataset(shards, read, rank=r, num_replicas=ranks, **kw)
+        if batch is not None:  # the canonical layout cuts steps of the global batch
+            ds.set_batching(batch)
         out.append(list(ds))
     return out
 
@@ -77,6 +80,10 @@ def main() -> None:
         ("interleave=8, sizes", dict(interleave=8, sizes=sizes)),
         ("interleave=64 (default)", dict()),
         ("interleave=64 (default), sizes", dict(sizes=sizes)),
+        (f"canonical {a.ranks} x 1", dict(sizes=sizes, canonical_ranks=a.ranks,
+                                          global_batch=a.batch * a.ranks)),
+        ("canonical 8 x 4", dict(sizes=sizes, canonical_ranks=8, canonical_workers=4,
+                                 global_batch=a.batch * a.ranks)),
     ]
     print(f"{a.shards} shards ({total} records), {a.ranks} ranks, batch {a.batch} per rank "
           f"(global {a.batch * a.ranks}); uniform shards/batch = {base['shards_per_batch']:.1f}")
@@ -87,7 +94,10 @@ def main() -> None:
             f, open_ = base, "-"
         else:
             f = figures(streams(sizes, a.ranks, seed=a.seed, **kw), sizes, a.batch)
-            open_ = str(min(kw.get("interleave", 64), per_consumer))
+            streams_read = (kw["canonical_ranks"] * kw.get("canonical_workers", 1) // a.ranks
+                            if "canonical_ranks" in kw else 1)
+            open_ = str(min(kw.get("interleave", 64), per_consumer) if streams_read == 1 else
+                        streams_read * -(-a.shards // (streams_read * a.ranks)))
         print(f"{name:36s} {f['shards_per_batch']:12.1f} "
               f"{f['shards_per_batch'] / base['shards_per_batch']:6.2f} {f['lag1']:7.3f} "
               f"{f['displacement']:7.3f} {open_:>5s}")
