@@ -44,6 +44,32 @@ def _counts(weights: Sequence[float], total: int) -> list[int]:
     return out
 
 
+def _shares(weights: Sequence[float] | None, lengths: list[int],
+            samples_per_epoch: int | None) -> tuple[list[float], int]:
+    """The normalised weights (default: by length) and the epoch size, checked."""
+    if weights is None:
+        weights = [float(n) for n in lengths]
+    if len(weights) != len(lengths) or any(
+            isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
+            or not math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be {len(lengths)} positive numbers (one per "
+                         f"source), got {weights!r}")
+    total = sum(lengths) if samples_per_epoch is None else samples_per_epoch
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"samples_per_epoch must be a positive int, got "
+                         f"{samples_per_epoch!r}")
+    return [float(w) / float(sum(weights)) for w in weights], total
+
+
+def _names(sources: Sequence[Any] | Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+    if isinstance(sources, Mapping):
+        return [str(k) for k in sources], list(sources.values())
+    if isinstance(sources, Sequence) and not isinstance(sources, (str, bytes)):
+        return [str(j) for j in range(len(sources))], list(sources)
+    raise TypeError(f"sources must be a list or a dict of datasets, got "
+                    f"{type(sources).__name__}")
+
+
 class MixedDataset(Dataset[Any]):
     """Map-style sources mixed with fixed proportions (see the module docstring).
 
@@ -76,14 +102,7 @@ class MixedDataset(Dataset[Any]):
     def __init__(self, sources: Sequence[Any] | Mapping[str, Any],
                  weights: Sequence[float] | None = None, *, samples_per_epoch: int | None = None,
                  seed: int = 0, shuffle: bool = True) -> None:
-        if isinstance(sources, Mapping):
-            names, datasets = [str(k) for k in sources], list(sources.values())
-        elif isinstance(sources, Sequence) and not isinstance(sources, (str, bytes)):
-            datasets = list(sources)
-            names = [str(j) for j in range(len(datasets))]
-        else:
-            raise TypeError(f"sources must be a list or a dict of map-style datasets, got "
-                            f"{type(sources).__name__}")
+        names, datasets = _names(sources)
         if not datasets:
             raise ValueError("sources is empty: pass at least one dataset")
         lengths = []
@@ -95,22 +114,12 @@ class MixedDataset(Dataset[Any]):
             if len(d) == 0:
                 raise ValueError(f"source {name!r} is empty (len 0); drop it or fix its path")
             lengths.append(len(d))
-        if weights is None:
-            weights = [float(n) for n in lengths]
-        if len(weights) != len(datasets) or any(
-                isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
-                or not math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be {len(datasets)} positive numbers (one per "
-                             f"source), got {weights!r}")
-        total = sum(lengths) if samples_per_epoch is None else samples_per_epoch
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"samples_per_epoch must be a positive int, got "
-                             f"{samples_per_epoch!r}")
+        weights, total = _shares(weights, lengths, samples_per_epoch)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.names, self.sources = names, datasets
         self.lengths = lengths
-        self.weights = [float(w) / float(sum(weights)) for w in weights]
+        self.weights = weights
         self.counts = _counts(self.weights, total)
         self._starts = np.cumsum([0, *self.counts])
         self.seed, self.shuffle = seed, bool(shuffle)
@@ -182,15 +191,6 @@ class MixedDataset(Dataset[Any]):
         return f"MixedDataset({parts})"
 
 
-def _names(sources: Sequence[Any] | Mapping[str, Any]) -> tuple[list[str], list[Any]]:
-    if isinstance(sources, Mapping):
-        return [str(k) for k in sources], list(sources.values())
-    if isinstance(sources, Sequence) and not isinstance(sources, (str, bytes)):
-        return [str(j) for j in range(len(sources))], list(sources)
-    raise TypeError(f"sources must be a list or a dict of datasets, got "
-                    f"{type(sources).__name__}")
-
-
 class MixedStream(IterableDataset[Any]):
     """Streaming sources mixed with fixed proportions: every global batch takes ``g_j`` records
     from source ``j`` (``g_j`` from the weights, largest remainders, summing to the global
@@ -241,19 +241,9 @@ class MixedStream(IterableDataset[Any]):
             raise ValueError(f"the sources' canonical layouts differ ((canonical_ranks, "
                              f"canonical_workers): {sorted(layouts)}): build them alike")
         lengths = [sum(d.sizes) for d in datasets]
-        if weights is None:
-            weights = [float(n) for n in lengths]
-        if len(weights) != len(datasets) or any(
-                isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
-                or not math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be {len(datasets)} positive numbers (one per "
-                             f"source), got {weights!r}")
-        total = sum(lengths) if samples_per_epoch is None else samples_per_epoch
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"samples_per_epoch must be a positive int, got "
-                             f"{samples_per_epoch!r}")
+        weights, total = _shares(weights, lengths, samples_per_epoch)
         self.names, self.sources, self.lengths = names, datasets, lengths
-        self.weights = [float(w) / float(sum(weights)) for w in weights]
+        self.weights = weights
         self.samples_per_epoch = total
         #: the sources' (canonical ranks, canonical workers), for the loader
         self.canonical: tuple[int, int] = layouts.pop()

@@ -148,6 +148,7 @@ class ShardedDataset(IterableDataset[Any]):
         self._batching: tuple[int, bool] | None = None  # (global batch, drop_last)
         self._own: dict[int, int] = {}  # canonical: this consumer's streams -> their offsets
         self._ahead: dict[int, list[str]] = {}  # canonical: a stream's shards to download
+        self._pieces_cache: tuple[Any, list[list[tuple[int, int, int]]]] | None = None
         self.shards = list(shards)
         self.read = read
         self.cache_dir = cache_dir or os.environ.get("HOROVOD_ITER_CACHE") or os.path.join(
@@ -448,7 +449,7 @@ class ShardedDataset(IterableDataset[Any]):
         """Each canonical stream's pieces in ``epoch`` (default: the current one)."""
         e = self.epoch if epoch is None else epoch
         key = (e, self.canonical)
-        cached = getattr(self, "_pieces_cache", None)
+        cached = self._pieces_cache
         if cached is None or cached[0] != key:
             assert self.canonical is not None and self.sizes is not None
             r, k = self.canonical
