@@ -238,8 +238,9 @@ class ShardedDataset(IterableDataset[Any]):
     def shard_counts(self, consumers: int, resume: dict[str, Any] | None = None) -> list[int]:
         """Shards each of ``consumers`` reads in a pass (from ``resume``, a merged state, or
         the epoch's start): the same on every rank."""
-        if self.canonical is not None:  # every consumer reads records of every stream it owns
-            return [1] * consumers
+        if self.canonical is not None:
+            raise TypeError("a canonical layout reads streams cut across the shards, not whole "
+                            "shards: see layout() for what each rank reads")
         base = None if resume is None or self.shuffle_buffer else self._normalise(resume)
         return [len(self._plan(c, consumers, base)) for c in range(consumers)]
 
