@@ -280,6 +280,9 @@ class DistributedIterator:
     def __del__(self) -> None:
         # the attributes go with the object (DataLoader workers by torch's own finalizer);
         # only make sure nothing will wait for the collectives in flight
-        if not getattr(self, "_closed", True) and not _backend.exiting():
+        exiting = getattr(_backend, "exiting", None)
+        if getattr(self, "_closed", True) or not callable(exiting):  # interpreter teardown
+            return
+        if not exiting():
             self._closed = True
             self._sync.abandon()
