@@ -8,6 +8,16 @@ size. Rank ``r`` of ``W`` takes global batches ``start + r, start + r + W, ...``
 the ranks hold neighbouring batches of one mega-batch, of similar lengths, so no rank waits
 long for a rank with longer sequences. Progress is ``start``, the global batches consumed;
 a resume on another world deals the rest anew.
+
+The last step (`deal`): when the batches left are not a multiple of ``W``, the ``L < W``
+leftover batches (the epoch's shortest samples, the same ones every epoch without shuffling)
+are not left to some ranks only - under ``uneven="stop"`` the ranks stop together and those
+would never be trained. Their samples are split anew into ``W`` batches of nearly equal size,
+one per rank, so every rank has the same batch count and no sample is dropped (torch's
+``DistributedSampler`` pads the same way); only where fewer than ``W`` samples are left are
+some repeated (``pad``), or (``pad=False``, exact evaluation) some ranks get one batch fewer.
+``drop_last`` keeps batches full instead: with ``pad`` the leftover batches are dropped (torch's
+``DistributedSampler(drop_last=True)``), without it they go to the first ``L`` ranks.
 """
 from __future__ import annotations
 
@@ -22,10 +32,48 @@ from .fetch import plan_batches
 from .permutation import permute
 from .sampler import DistributedSampler, is_int
 
-__all__ = ["LengthGroupedBatchSampler", "RankBatches", "batch_sampler_batches"]
+__all__ = ["LengthGroupedBatchSampler", "RankBatches", "batch_sampler_batches", "deal",
+           "deal_counts"]
 
 _STATE_TYPE = "horovod_iter.LengthGroupedBatchSampler"
 _STATE_VERSION = 1
+
+
+def deal_counts(total: int, start: int, world: int, tail: int, *, pad: bool,
+                drop_last: bool) -> list[int]:
+    """Batches each of ``world`` ranks gets of ``total`` global batches from ``start`` on,
+    where ``tail`` is the number of samples in the ``(total - start) % world`` leftover ones
+    (see the module docstring). Pure."""
+    base, lo = divmod(max(0, total - start), world)
+    if lo == 0:
+        return [base] * world
+    if drop_last:
+        extra = 0 if pad else lo
+    else:
+        extra = world if pad or tail >= world else tail
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def deal(batches: Sequence[np.ndarray], start: int, world: int, rank: int, *, pad: bool,
+         drop_last: bool) -> list[np.ndarray]:
+    """Rank ``rank``'s batches of the global ``batches`` from ``start`` on: round-robin, then
+    the leftover batches' samples split anew over the ranks (see the module docstring).
+    Pure; `deal_counts` gives every rank's count."""
+    base, lo = divmod(max(0, len(batches) - start), world)
+    out = [batches[start + rank + k * world] for k in range(base)]
+    if lo == 0:
+        return out
+    leftover = list(batches[start + base * world:])
+    if drop_last:
+        if not pad and rank < lo:
+            out.append(leftover[rank])
+        return out
+    samples = np.concatenate(leftover)
+    if len(samples) >= world:  # contiguous chunks: neighbours in length stay together
+        out.append(np.array_split(samples, world)[rank])
+    elif pad or rank < len(samples):  # fewer samples than ranks: one each, repeated (pad)
+        out.append(samples[rank % len(samples):][:1])
+    return out
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -37,18 +85,32 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: a new order each epoch from ``(seed, epoch)`` (otherwise the dataset order,
             still grouped by length within each mega-batch).
         seed: the order's seed, the same on every rank.
-        drop_last: drop the epoch's last batch if it is short.
+        drop_last: drop the epoch's last batch if it is short (every batch has
+            ``batch_size`` samples; with ``pad``, the up to ``W - 1`` leftover global batches
+            of the last step are dropped too, as torch's ``DistributedSampler`` drops its tail).
         group: batches per mega-batch (the window within which lengths are sorted).
         num_replicas, rank: the world (default: the backend's).
+        pad: ``True``: every rank gets the same number of batches every epoch (the
+            leftover batches of the last step are split over all ranks, repeating samples only
+            where fewer than ``W`` are left); ``False``: never repeat a sample (exact
+            evaluation; then some ranks may have one batch fewer). ``None`` (the default):
+            `DistributedLoader` decides from its ``uneven`` - ``"stop"`` pads, ``"pad"`` and
+            ``"error"`` do not - and in a torch ``DataLoader`` it pads (ranks with other batch
+            counts would hang in DDP's last allreduce).
 
     Use it as ``DistributedLoader(dataset, batch_sampler=...)`` (the loader resumes it on any
     world size and synchronises the end of data) or in a torch ``DataLoader``. Call
     ``set_epoch(epoch)`` every epoch (the loader does).
+
+    Every sample is in a batch each epoch (unless ``drop_last``): in the last step of a pass,
+    whose global batches do not divide over the ranks, the leftover batches are split into
+    one smaller batch per rank (see `deal`), so ``uneven="stop"`` trains them too.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, group: int = 64,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
+                 num_replicas: int | None = None, rank: int | None = None,
+                 pad: bool | None = None) -> None:
         arr = np.asarray(lengths)
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or len(arr) == 0:
             raise ValueError("lengths must be a non-empty sequence of ints (one per sample), "
@@ -61,6 +123,11 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if pad is not None and not isinstance(pad, bool):
+            raise TypeError(f"pad must be a bool or None, got {pad!r}")
+        #: the given ``pad`` (None: the loader's ``uneven`` decides, see `set_uneven`)
+        self.pad = pad
+        self._loader_pad: bool | None = None
         self.lengths = arr.astype(np.int64)
         self.batch_size, self.group = int(batch_size), int(group)
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
@@ -92,11 +159,44 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             out.pop()
         return out
 
+    @property
+    def pads(self) -> bool:
+        """Whether the last step repeats samples so that every rank has a batch: the given
+        ``pad``, else the loader's ``uneven`` (``"stop"``), else True."""
+        if self.pad is not None:
+            return self.pad
+        return True if self._loader_pad is None else self._loader_pad
+
+    def set_uneven(self, uneven: str) -> None:
+        """Follow a `DistributedLoader`'s ``uneven`` (it calls this): with ``pad=None``,
+        ``"stop"`` pads the last step, ``"pad"``/``"error"`` never repeat a sample. A ``pad``
+        given explicitly that contradicts it is refused (``stop`` would leave the leftover
+        samples of ranks without a batch untrained; ``pad``/``error`` promise each sample
+        once)."""
+        want = uneven == "stop"
+        if self.pad is not None and self.pad != want:
+            fix = ("pad=True (or None)" if want else "pad=False (or None)")
+            raise ValueError(
+                f"LengthGroupedBatchSampler(pad={self.pad}) does not fit uneven={uneven!r}: "
+                + ("under 'stop' the ranks stop together, so a rank's unpadded last batch "
+                   "would never be trained" if want else "'pad' and 'error' promise every "
+                   "sample exactly once, and pad=True repeats some")
+                + f"; build it with {fix}")
+        self._loader_pad = want
+
     def counts(self, start: int | None = None) -> list[int]:
-        """Batches each rank gets from global batch ``start`` on (default: the next pass's)."""
+        """Batches each rank gets from global batch ``start`` on (default: the next pass's);
+        with `pads` (and without ``drop_last``) the same on every rank."""
         s = self._next_start() if start is None else start
-        left = max(0, self._total() - s)
-        return [max(0, -(-(left - r) // self.num_replicas)) for r in range(self.num_replicas)]
+        return deal_counts(self._total(), s, self.num_replicas, self._leftover_samples(s),
+                           pad=self.pads, drop_last=self.drop_last)
+
+    def _leftover_samples(self, start: int) -> int:
+        """Samples in the global batches left over by the round-robin deal from ``start``."""
+        lo = max(0, self._total() - start) % self.num_replicas
+        rest = len(self.lengths) % self.batch_size
+        short = 1 if lo and rest and not self.drop_last else 0  # the epoch's last batch
+        return lo * self.batch_size - short * (self.batch_size - rest)
 
     def _total(self) -> int:
         n = len(self.lengths)
@@ -114,10 +214,11 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self._start
 
     def batches_from(self, start: int) -> Iterator[list[int]]:
-        """This rank's batches of the current epoch from global batch ``start`` on."""
-        batches = self.global_batches()
-        for j in range(start + self.rank, len(batches), self.num_replicas):
-            yield batches[j].tolist()
+        """This rank's batches of the current epoch from global batch ``start`` on (laid out
+        now: a later ``set_epoch`` does not change them)."""
+        mine = deal(self.global_batches(), start, self.num_replicas, self.rank,
+                    pad=self.pads, drop_last=self.drop_last)
+        return (b.tolist() for b in mine)
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self.begin()

@@ -6,10 +6,12 @@ import sys
 import warnings
 from typing import Any, Callable
 
+import torch
 from torch.utils.data import IterableDataset, Sampler
 from torch.utils.data.distributed import DistributedSampler as TorchDistributedSampler
 
 from .backend import Backend
+from .batching import LengthGroupedBatchSampler
 from .errors import ShardingError, UnevenDataError
 from .plan import EpochPlan
 from .sampler import DistributedSampler, is_int
@@ -61,10 +63,16 @@ def check_arguments(*, uneven: Any, prefetch: Any, num_workers: Any, timeout: An
 
 
 def check_even_batches(even_batches: Any, mark_padding: Any, *, uneven: str,
-               batch_sampler: bool) -> None:
+                       batch_sampler: Any = None) -> int | None:
     """``even_batches`` fills padded batches with copies of real rows: only with ``pad``, a
     fixed batch size, and a ``mark_padding`` that tells the copies apart (else they would
-    count twice, silently)."""
+    count twice, silently).
+
+    ``batch_sampler``: the loader's batch sampler, or None. With one, every batch (short,
+    and the padding batches of a rank that ran out) is filled to its ``batch_size``
+    attribute (`LengthGroupedBatchSampler`'s, torch's ``BatchSampler``'s): returned, the
+    ``even_rows`` for the end-of-data sync (None without a batch sampler, or without
+    ``even_batches``). One without a ``batch_size`` (batches of no fixed size) is refused."""
     if not isinstance(even_batches, bool):
         raise TypeError(f"even_batches must be a bool, got {even_batches!r}")
     if mark_padding is not None and not callable(mark_padding):
@@ -74,27 +82,40 @@ def check_even_batches(even_batches: Any, mark_padding: Any, *, uneven: str,
         if mark_padding is not None:
             raise ValueError("mark_padding marks the rows that even_batches=True adds; pass "
                              "even_batches=True with it (with uneven='pad'), or drop it")
-        return
+        return None
     if uneven != "pad":
         raise ValueError(f"even_batches=True fills the padding of uneven='pad'; got "
                          f"uneven={uneven!r} (whose batches are already alike on every rank)")
-    if batch_sampler:
-        raise ValueError("even_batches=True fills batches to batch_size rows, and a "
-                         "batch_sampler's batches have no fixed size; use batch_size, or "
-                         "uneven='pad' without even_batches and gather with hi.gather_rows")
+    rows: int | None = None
+    if batch_sampler is not None and batch_sampler is not False:
+        size: Any = getattr(batch_sampler, "batch_size", None)
+        if not is_int(size) or size < 1:
+            raise ValueError(
+                f"even_batches=True fills every batch to the batch sampler's batch_size rows, "
+                f"and this batch_sampler ({type(batch_sampler).__name__}) has no positive int "
+                f"batch_size (got {size!r}), so its batches have no fixed size: give it a "
+                "batch_size attribute (the most rows a batch of it has), or use "
+                "uneven='pad' without even_batches and gather with hi.gather_rows")
+        rows = int(size)
     if mark_padding is None:
         raise ValueError(
             "even_batches=True repeats real rows to fill batches, and they would count twice "
             "in metrics; pass mark_padding=hi.mask_labels() (labels of copies -100, what HF "
             "losses and metrics ignore) or mark_padding=hi.flag_padding() (a bool 'padding' "
             "key), or your own (batch, mask) -> batch")
+    return rows
 
 
 def loader_sampler(dataset: Any, sampler: Sampler[Any] | None, backend: Backend, *,
-                   shuffle: bool, seed: int | None, drop_last: bool,
-                   uneven: str) -> Sampler[Any] | None:
+                   shuffle: bool, seed: int | None, drop_last: bool, uneven: str,
+                   generator: torch.Generator | None = None) -> Sampler[Any] | None:
     """The sampler a loader uses: ours (padding only for ``uneven="stop"``), or the user's,
-    refused where it would break the loader's promises."""
+    refused where it would break the loader's promises.
+
+    ``generator`` (the loader's, torch's DataLoader argument) seeds our sampler's shuffle
+    as it seeds torch's ``RandomSampler``: the seed is drawn from it once, here (see
+    `DistributedSampler`); then ``seed`` must be left at its default 0. A sampler of the
+    user's is used as given (torch's DataLoader passes its generator to none either)."""
     if isinstance(dataset, IterableDataset):
         if sampler is not None:
             raise ValueError("sampler is for map-style datasets; an IterableDataset decides "
@@ -110,9 +131,12 @@ def loader_sampler(dataset: Any, sampler: Sampler[Any] | None, backend: Backend,
             f"rank {b.rank}: the dataset is empty (len 0), so there is nothing to "
             "iterate; check the path or the split it was built from")
     if sampler is None:
+        if generator is not None and (seed is None or seed != 0):
+            raise ValueError(f"pass seed or generator, not both: the generator seeds the "
+                             f"shuffle (as in torch's DataLoader); got seed={seed!r}")
         return DistributedSampler(dataset, b.size, b.rank, shuffle=shuffle, seed=seed,
                                   drop_last=drop_last, pad=uneven == "stop",
-                                  backend=b)
+                                  backend=b, generator=generator)
     if isinstance(sampler, DistributedSampler):
         if sampler.num_replicas != b.size:
             raise ValueError(
@@ -165,9 +189,13 @@ def check_worker_options(*, num_workers: Any, prefetch_factor: Any, in_order: An
     return None if prefetch_factor is None else int(prefetch_factor)
 
 
-def check_batch_sampler(batch_sampler: Any, dataset: Any, backend: Backend) -> Any:
+def check_batch_sampler(batch_sampler: Any, dataset: Any, backend: Backend,
+                        uneven: str | None = None) -> Any:
     """A user's batch sampler, refused where it would read the same batches on every rank
-    (a plain one over the whole dataset) or does not fit the data."""
+    (a plain one over the whole dataset) or does not fit the data. A
+    `LengthGroupedBatchSampler` is told the loader's ``uneven`` (`set_uneven`: ``"stop"``
+    gives every rank the same batch count with no sample dropped, ``"pad"``/``"error"``
+    never repeat one)."""
     if batch_sampler is None:
         return None
     if isinstance(dataset, IterableDataset):
@@ -182,6 +210,8 @@ def check_batch_sampler(batch_sampler: Any, dataset: Any, backend: Backend) -> A
             f"the data over the {backend.size} ranks: every rank would read every batch. "
             "Build it over this rank's slice (its `sampler` a horovod_iter.DistributedSampler "
             "or torch DistributedSampler), or use horovod_iter.LengthGroupedBatchSampler")
+    if uneven is not None and isinstance(batch_sampler, LengthGroupedBatchSampler):
+        batch_sampler.set_uneven(uneven)
     return batch_sampler
 
 

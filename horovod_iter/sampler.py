@@ -10,7 +10,10 @@ a `Cursor` (a plan frozen at ``iter()`` plus the slots taken so far). Semantics:
 * `state_dict()` describes what the current iterator has yielded, so
   torchdata's ``StatefulDataLoader``/``SamplerWrapper`` and a plain DataLoader loop
   (``num_workers=0``) resume exactly with no extra call;
-* ``set_epoch()`` affects the next ``iter()``, never a pass in flight.
+* ``set_epoch()`` affects the next ``iter()``, never a pass in flight;
+* the dataset's length is read again at ``set_epoch()`` and at every ``iter()`` (a dataset that
+  grows or shrinks between epochs: its new samples are dealt from the next pass on, as torch's
+  DataLoader takes them); a pass in flight keeps the length it started with.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data.distributed import DistributedSampler as _TorchDistributedSampler
 
 from . import backend as _backend
@@ -26,7 +30,7 @@ from ._tree import caller_self
 from .errors import ShardingError
 from .plan import EpochPlan
 
-__all__ = ["Cursor", "DistributedSampler", "is_int"]
+__all__ = ["Cursor", "DistributedSampler", "generator_seed", "is_int"]
 
 _STATE_TYPE = "horovod_iter.DistributedSampler"
 _STATE_VERSION = 1
@@ -67,6 +71,14 @@ def _dataset_length(dataset: Any) -> int:
     if n < 0:
         raise ValueError(f"dataset length must be >= 0, got {n}")
     return n
+
+
+def generator_seed(generator: torch.Generator) -> int:
+    """A shuffle seed drawn from ``generator`` (how torch's ``RandomSampler`` seeds itself
+    without one: an int64 ``random_()``), in ``[0, 2**63)``; advances the generator."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
 def _check_world(num_replicas: Any, rank: Any) -> tuple[int, int]:
@@ -172,7 +184,9 @@ class DistributedSampler(_TorchDistributedSampler):
     with ``shuffle=False``, every rank's order are exactly torch's.
 
     Args:
-        dataset: a sized dataset, or its length as an int.
+        dataset: a sized dataset, or its length as an int. Its length is read again at
+            ``set_epoch()`` and at every ``iter()``, so samples added (or removed) between
+            epochs are dealt from the next pass on; a pass in flight keeps its length.
         num_replicas: number of ranks; defaults to the backend's size (Horovod,
             torch.distributed or 1), read at first use, so a sampler built before a
             launcher sets up the ranks (Lightning's, inside ``trainer.fit()``) gets them. No
@@ -186,6 +200,16 @@ class DistributedSampler(_TorchDistributedSampler):
             ``ceil(n / W)`` samples (torch's behaviour); ``pad=False`` gives an exact partition
             with no duplicate (ranks differ by at most one sample), for evaluation.
         backend: the backend for the defaults and the ``seed=None`` broadcast.
+        generator: a ``torch.Generator`` that seeds the shuffle instead of ``seed``, as the
+            ``generator`` of torch's ``DataLoader``/``RandomSampler`` does: the seed is drawn
+            from it once, here (`generator_seed`), and the order is then a function of (that
+            seed, epoch) as with ``seed``, so it resumes exactly. Seed it alike on every rank
+            (``torch.Generator().manual_seed(1)``): a generator seeded per rank draws a
+            different seed on each rank, and the ranks' slices would overlap and miss
+            samples. `DistributedLoader` compares the drawn seed over the ranks at ``iter()``
+            and raises `ConfigMismatchError` naming each rank's seed; used without the
+            loader, nothing checks it. Not with ``seed`` other than its default;
+            ``shuffle=False`` draws nothing.
 
     Call ``set_epoch(epoch)`` before every epoch, or every epoch has the same order.
     ``state_dict()`` is the position of the current iterator (what it has yielded), so it
@@ -212,9 +236,12 @@ class DistributedSampler(_TorchDistributedSampler):
 
     def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int | None = 0, drop_last: bool = False, *,
-                 pad: bool = True, backend: _backend.Backend | None = None) -> None:
+                 pad: bool = True, backend: _backend.Backend | None = None,
+                 generator: torch.Generator | None = None) -> None:
         # not torch's __init__: it needs an initialised process group
         self.dataset = dataset
+        #: the dataset's length as last read (at construction, set_epoch(), iter(), a load):
+        #: the length of the next fresh pass; `length` is the current position's
         self.n = _dataset_length(dataset)
         self._world: tuple[int, int] | None = None
         self._world_arg = (num_replicas, rank)
@@ -231,6 +258,16 @@ class DistributedSampler(_TorchDistributedSampler):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if seed is not None and not is_int(seed):
             raise TypeError(f"seed must be an int (or None to draw one on rank 0), got {seed!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got "
+                            f"{type(generator).__name__}")
+        if generator is not None and (seed is None or seed != 0):
+            raise ValueError(f"pass seed or generator, not both (the generator draws the "
+                             f"seed): got seed={seed!r} and a generator")
+        #: the generator the seed was drawn from (torch's ``RandomSampler.generator``)
+        self.generator = generator
+        if generator is not None and shuffle:
+            seed = generator_seed(generator)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.pad = bool(pad)
@@ -293,6 +330,19 @@ class DistributedSampler(_TorchDistributedSampler):
             self._seed = int(b.broadcast_object(drawn, root=0))
         return self._seed
 
+    def refresh_length(self) -> int:
+        """Read the dataset's length again (an int dataset has a fixed one) and return it:
+        the length of the next fresh pass. A pass in flight keeps its own."""
+        if not is_int(self.dataset):
+            self.n = _dataset_length(self.dataset)
+        return self.n
+
+    @property
+    def length(self) -> int:
+        """The dataset length the current position's plan is laid out for (a pass in flight,
+        a pending load, else the next fresh pass): what every rank must agree on."""
+        return self._position().plan.n
+
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The whole plan of ``epoch`` (default: the current one) on this rank. Pure."""
         return EpochPlan(self.n, self.num_replicas, self.rank, 0 if self._seed is None
@@ -303,10 +353,21 @@ class DistributedSampler(_TorchDistributedSampler):
         """Start a pass: the loaded position if a load is pending, else the epoch's beginning.
 
         The returned cursor becomes the one `state_dict()` describes; advance it as
-        samples are handed out. ``iter()`` calls this; so does the loader.
+        samples are handed out. ``iter()`` calls this; so does the loader. The dataset's
+        length is read again here: a fresh pass takes the new one; a loaded position made for
+        another length is refused (its samples would be other ones).
         """
         self.seed  # noqa: B018 - resolves a seed=None broadcast on every rank alike
-        cursor, self._pending = self._pending, None
+        n = self.refresh_length()
+        cursor = self._pending
+        if cursor is not None and cursor.plan.n != n:
+            raise ValueError(
+                f"the position this pass resumes (loaded with load_state_dict(), or carried "
+                f"over a world change) is in epoch {cursor.plan.epoch} of a dataset of length "
+                f"{cursor.plan.n}, but the dataset now has length {n}: resuming it would deal "
+                f"other samples. Resume with the dataset of length {cursor.plan.n}, or call "
+                f"set_epoch({cursor.plan.epoch + 1}) to start the next epoch over all {n}")
+        self._pending = None
         if cursor is None:
             cursor = Cursor(self.plan())
         self._current = cursor
@@ -349,9 +410,11 @@ class DistributedSampler(_TorchDistributedSampler):
 
         Setting the epoch a pending load is in keeps it (a resumed trainer calls
         ``set_epoch(saved_epoch)``); another epoch discards it and starts that one afresh.
+        The dataset's length is read again (see `refresh_length`).
         """
         if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.refresh_length()
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
             self._pending = self._current = None
@@ -360,6 +423,8 @@ class DistributedSampler(_TorchDistributedSampler):
         """Move to another world size keeping the epoch's progress: the next ``iter()``
         resumes the rest of the epoch laid out over ``num_replicas`` ranks (a load)."""
         num_replicas, rank = _check_world(num_replicas, rank)
+        if self._pending is None and self._current is None:
+            self.refresh_length()  # nothing started: the epoch takes the length it has now
         state = self.state_dict()
         self._world = (num_replicas, rank)
         self.load_state_dict(state)
@@ -387,23 +452,14 @@ class DistributedSampler(_TorchDistributedSampler):
         run would have yielded next. Otherwise the epoch's unconsumed samples are laid out
         anew over this sampler's ranks: none repeated, none lost. A sampler built with
         ``seed=None`` adopts the saved seed; otherwise seed, length and shuffle must match.
+
+        The length is the dataset's now (read again here): a state saved mid-epoch over
+        another length is refused, naming both. One saved at the end of its epoch loads (a
+        dataset that grew between epochs: ``set_epoch(next)`` then starts the next epoch over
+        the new length), but iterating it without a new epoch is refused.
         """
         s = _validate_state(state)
-        if s[_N] != self.n:
-            raise ValueError(
-                f"sampler state was saved for a dataset of length {s[_N]}, but this sampler has "
-                f"length {self.n}; load it into a sampler over the same dataset"
-            )
-        if not self._seed_from_broadcast and s[_SEED] != self._seed:
-            raise ValueError(
-                f"sampler state was saved with seed={s[_SEED]}, but this sampler has "
-                f"seed={self._seed}; construct it with seed={s[_SEED]} (or seed=None to adopt it)"
-            )
-        if s[_SHUFFLE] != self.shuffle:
-            raise ValueError(
-                f"sampler state was saved with shuffle={s[_SHUFFLE]}, but this sampler has "
-                f"shuffle={self.shuffle}; construct it with shuffle={s[_SHUFFLE]}"
-            )
+        n = self.refresh_length()
         saved = EpochPlan(s[_N], s[_WORLD], 0, s[_SEED], s[_EPOCH], s[_SHUFFLE], s[_PAD],
                           s[_DROP_LAST], s[_START])
         if s[_CONSUMED] > saved.total:
@@ -411,11 +467,29 @@ class DistributedSampler(_TorchDistributedSampler):
                 f"invalid sampler state: consumed={s[_CONSUMED]} exceeds the segment's "
                 f"{saved.total} positions at world_size={s[_WORLD]}"
             )
+        if s[_N] != n and s[_CONSUMED] < saved.total:
+            raise ValueError(
+                f"sampler state was saved for a dataset of length {s[_N]}, but this sampler has "
+                f"length {n}, and the state is in the middle of epoch {s[_EPOCH]}: resuming it "
+                f"would deal other samples; load it into a sampler over the dataset of length "
+                f"{s[_N]} (a state saved at the end of an epoch loads into any length)"
+            )
+        if not self._seed_from_broadcast and s[_SEED] != self._seed:
+            how = (f"this sampler drew seed={self._seed} from its generator; seed the generator "
+                   "as the saving run did" if self.generator is not None and self.shuffle else
+                   f"this sampler has seed={self._seed}; construct it with seed={s[_SEED]} (or "
+                   "seed=None to adopt it)")
+            raise ValueError(f"sampler state was saved with seed={s[_SEED]}, but {how}")
+        if s[_SHUFFLE] != self.shuffle:
+            raise ValueError(
+                f"sampler state was saved with shuffle={s[_SHUFFLE]}, but this sampler has "
+                f"shuffle={self.shuffle}; construct it with shuffle={s[_SHUFFLE]}"
+            )
         self._seed = s[_SEED]
         self.epoch = s[_EPOCH]
         if (saved.world, saved.pad, saved.drop_last) == (self.num_replicas, self.pad,
                                                           self.drop_last):
-            plan = EpochPlan(self.n, self.num_replicas, self.rank, s[_SEED], s[_EPOCH],
+            plan = EpochPlan(s[_N], self.num_replicas, self.rank, s[_SEED], s[_EPOCH],
                              self.shuffle, self.pad, self.drop_last, s[_START])
             cursor = Cursor(plan, -(-s[_CONSUMED] // self.num_replicas))
         else:  # another layout: the unconsumed samples form a new segment

@@ -132,7 +132,9 @@ class EndOfDataSync(Iterator[Any]):
         every: steps between heartbeats (and look-ahead reports).
         even_rows: with ``pad``, fill every batch to this many rows with copies of a real row
             (its own first row; for an empty batch, the first row of a batch seen before or of
-            another rank's), so that every rank's batch has the same shape at every step.
+            another rank's), so that every rank's batch has the same shape at every step
+            (``batch_size``; with a batch sampler, its ``batch_size``: see
+            `check_even_batches`). A rank that ran out thus never gets an empty batch.
         lookahead_bytes: host memory the batches pulled ahead (iterable data) may hold, as
             `host_bytes` estimates it (tensors, arrays, bytes, str, containers); at least one
             batch ahead is always pulled.
@@ -153,6 +155,9 @@ class EndOfDataSync(Iterator[Any]):
             raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if even_rows is not None and (not isinstance(even_rows, int) or even_rows < 1):
+            raise ValueError(f"even_rows must be an int >= 1 (the rows every batch is filled "
+                             f"to) or None, got {even_rows!r}")
         self._source: Iterator[Any] | None = source
         self.backend = backend
         self.uneven = uneven
