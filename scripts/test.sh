@@ -26,7 +26,8 @@ echo "== mypy"
 if [ -f mkdocs.yml ]; then
   echo "== docs"
   site=$(mktemp -d)
-  "$py" -m mkdocs build --strict --quiet --site-dir "$site"
+  # no --quiet: it raises mkdocs' log level above WARNING, so --strict would count nothing
+  "$py" -m mkdocs build --strict --site-dir "$site"
   # the site renders Markdown, not reST: a Sphinx role or a doctest prompt would show raw
   if grep -rlE ':(class|func|meth|mod|attr|exc|data):`|&gt;&gt;&gt; ' "$site" --include=*.html; then
     echo "docs: raw Sphinx roles or doctest prompts in the pages above; use backticks and" \

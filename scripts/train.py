@@ -21,6 +21,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
 import horovod_iter as hi
@@ -53,11 +54,15 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    backend = hi.init()
+    backend = hi.init()  # horovod under horovodrun, torch under torchrun, else local
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", backend.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if backend.name == "torch" and not dist.is_initialized():
+        # DDP needs torch's default process group; hi.init() makes only the library's own
+        # (a gloo group of its own), so under torchrun the trainer creates the default one.
+        dist.init_process_group("nccl" if cuda else "gloo")
 
     g = torch.Generator().manual_seed(args.seed)  # the same data on every rank
     true_w = torch.randn(16, 1, generator=g)
