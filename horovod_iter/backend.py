@@ -76,37 +76,50 @@ class AsyncHandle(ABC):
         self._backend = backend
         self._finished = False
         self._value: Any = None
+        self._error: BaseException | None = None  # the backend's own error, kept for wait()
 
     @abstractmethod
     def _ready(self) -> bool:
-        """True once the result can be collected without blocking."""
+        """True once the result can be collected without blocking (may raise the backend's
+        own error: a chained handle collects its first half here)."""
 
     @abstractmethod
     def _collect(self) -> Any:
         """The result (called once ``_ready``); may raise the backend's own error."""
 
+    def _poll(self) -> bool:
+        """``_ready``, with any error it raises kept for `wait` to report (True then)."""
+        if self._error is None:
+            try:
+                return bool(self._ready())
+            except Exception as e:  # a rank died between the halves, or the group broke
+                self._error = e
+        return True
+
     def done(self) -> bool:
-        """True once the result is ready (``wait`` will not block)."""
-        return self._finished or bool(self._ready())
+        """True once the result is ready (``wait`` will not block; it may raise)."""
+        return self._finished or self._poll()
 
     def wait(self, timeout: float | None = _FOREVER, what: str = "an allreduce") -> Any:
         """Block until the result is ready; raise `DataTimeoutError` after ``timeout`` s
-        (``None``: no limit) and `RankFailureError` if the collective failed."""
+        (``None``: no limit) and `RankFailureError` if the collective failed - in either
+        half of a chained one, while polling or while collecting."""
         if not self._finished:
             b = self._backend
-            if timeout is not None and not poll_until(self._ready, timeout):
+            if not poll_until(self._poll, timeout):
                 assert b is not None
                 err = timeout_error(b, what, timeout)
                 b.fail(str(err))
                 raise err
             try:
+                if self._error is not None:
+                    raise self._error
                 self._value = self._collect()
-            except HorovodIterError:
-                raise
-            except Exception as e:  # the backend's own error: a rank died or raised
-                assert b is not None
-                failure = b.failure_error(what, e)
-                b.fail(str(failure))
+            except Exception as e:
+                self._error = e
+                failure = e if b is None else b.failed_with(what, e)
+                if failure is e:
+                    raise
                 raise failure from e
             self._finished = True
         return self._value
@@ -235,6 +248,26 @@ class Backend(ABC):
     def _on_failure(self) -> None:  # noqa: B027 - optional hook
         """Called once, when the backend first fails."""
 
+    def failed_with(self, what: str, error: Exception) -> HorovodIterError:
+        """Mark the backend failed by ``error`` (raised while starting or finishing ``what``)
+        and return the error to raise: ours as it is, the backend's own as `failure_error`."""
+        failure = (error if isinstance(error, HorovodIterError)
+                   else self.failure_error(what, error))
+        self.fail(str(failure))
+        return failure
+
+    def _start(self, what: str, start: Callable[[], AsyncHandle]) -> AsyncHandle:
+        """Issue a collective; an error while issuing it is a failure like one while waiting
+        (the ranks' collectives are out of step)."""
+        self._guard(what)
+        try:
+            return start()
+        except Exception as e:
+            failure = self.failed_with(what, e)
+            if failure is e:
+                raise
+            raise failure from e
+
     def failure_error(self, what: str, cause: BaseException) -> RankFailureError:
         """Our error for the backend's own exception ``cause`` (kept as ``__cause__``)."""
         return RankFailureError(
@@ -288,8 +321,8 @@ class Backend(ABC):
         backend's own sequence), so every rank must issue the library's collectives in the
         same order; ``name`` is a label for errors only."""
         self._check(tensor, op)
-        self._guard(f"allreduce {name or ''}".strip())
-        return self._allreduce(tensor, op)
+        return self._start(f"allreduce {name or ''}".strip(),
+                           lambda: self._allreduce(tensor, op))
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None,
                   timeout: float | None = _FOREVER) -> torch.Tensor:
@@ -307,7 +340,8 @@ class Backend(ABC):
             raise ValueError(f"root must be in [0, {self.size}), got {root}")
         self._guard(what)
         payload = dumps(obj) if self.rank == root else b""
-        data = self._broadcast_bytes(payload, root).wait(timeout, what)
+        data = self._start(what, lambda: self._broadcast_bytes(payload, root)).wait(
+            timeout, what)
         return pickle.loads(data)
 
     def allgather_object(self, obj: Any, *, timeout: float | None = DEFAULT_TIMEOUT,
@@ -315,7 +349,8 @@ class Backend(ABC):
         """Return every rank's ``obj``, indexed by rank, waiting at most ``timeout`` s
         (``HOROVOD_ITER_TIMEOUT``, 300 s, by default; ``None``: no limit)."""
         self._guard(what)
-        parts = self._allgather_bytes(dumps(obj)).wait(timeout, what)
+        payload = dumps(obj)
+        parts = self._start(what, lambda: self._allgather_bytes(payload)).wait(timeout, what)
         return [pickle.loads(p) for p in parts]
 
     def barrier(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
