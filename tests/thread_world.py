@@ -48,7 +48,7 @@ import horovod_iter.backend as hb
 from horovod_iter.backend import AsyncHandle, Backend
 
 __all__ = ["Fault", "GlobalWorldError", "HangError", "RankDied", "RankStalled", "ThreadBackend",
-           "ThreadWorld", "run_all", "run_ranks"]
+           "ThreadWorld", "run_all", "run_ranks", "worker_context"]
 
 #: seconds a timed-out run waits for its threads to unwind after failing their collectives
 ABORT_GRACE = 5.0
@@ -231,7 +231,13 @@ class ThreadBackend(Backend):
         """Stop participating (a hung rank): block until the run is over, then unwind."""
         self.world._stall(self._rank)
 
-    def _start(self, kind: tuple[Any, ...], part: Any) -> AsyncHandle:
+    def die(self) -> None:
+        """End this rank at once, like a killed process: peers' collectives it never joins
+        fail fast; its thread unwinds with `RankDied`."""
+        self.world.leave(self._rank, "died (killed)")
+        raise RankDied(f"rank {self._rank} died")
+
+    def _meet(self, kind: tuple[Any, ...], part: Any) -> AsyncHandle:
         seq, self._seq = self._seq, self._seq + 1
         action = self.world.faults.get((self._rank, seq))
         if action == "stall":
@@ -244,14 +250,14 @@ class ThreadBackend(Backend):
         return _ThreadHandle(self, self.world._contribute(self._rank, seq, kind, part))
 
     def _allreduce(self, tensor: torch.Tensor, op: str) -> AsyncHandle:
-        return self._start(("allreduce", op, tuple(tensor.shape), str(tensor.dtype)),
+        return self._meet(("allreduce", op, tuple(tensor.shape), str(tensor.dtype)),
                            tensor.detach().clone())
 
     def _broadcast_bytes(self, payload: bytes, root: int) -> AsyncHandle:
-        return self._start(("broadcast", root), bytes(payload))
+        return self._meet(("broadcast", root), bytes(payload))
 
     def _allgather_bytes(self, payload: bytes) -> AsyncHandle:
-        return self._start(("allgather",), bytes(payload))
+        return self._meet(("allgather",), bytes(payload))
 
 
 class _ThreadHandle(AsyncHandle):
@@ -306,6 +312,25 @@ def _patch_get_backend() -> list[tuple[Any, Any]]:
             restore.append((module, original))
             vars(module)["get_backend"] = guard
     return restore
+
+
+# -- DataLoader workers ----------------------------------------------------------------------
+_worker_ctx: Any = None
+
+
+def worker_context() -> Any:
+    """The ``multiprocessing_context`` for DataLoader workers in a thread world: a forkserver
+    with torch and the library preloaded (about 2 s once, then ~0.05 s a worker). A plain
+    fork from a process whose other rank threads are running copies their held locks, and
+    stalls a worker for torch's 5 s status interval about every second pass."""
+    global _worker_ctx
+    if _worker_ctx is None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "horovod_iter", "thread_world", "toy_data"])
+        _worker_ctx = ctx
+    return _worker_ctx
 
 
 # -- the runner ---------------------------------------------------------------------------
