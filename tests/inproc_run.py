@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 from thread_world import ThreadBackend, worker_context
-from toy_data import Named
 from torch.utils.data import Dataset, IterableDataset
+from toy_data import Named
 
 import horovod_iter as hi
 

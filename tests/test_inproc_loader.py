@@ -160,10 +160,11 @@ def test_map_error_raises_on_every_rank_when_counts_differ() -> None:
 @given(n=st.integers(1, 40), world=st.integers(1, 4), per_rank=st.integers(1, 4))
 def test_map_stop_pads_like_torch_and_covers(n: int, world: int, per_rank: int) -> None:
     res = run(world, n=n, global_batch_size=per_rank * world, uneven="stop")
-    steps = -(-(-(-n // world)) // per_rank)  # ceil(n/W) samples per rank, in batches
+    per_rank_samples = -(-n // world)  # torch pads every rank to ceil(n / W)
+    steps = -(-per_rank_samples // per_rank)
     assert [len(r["batches"]) for r in res] == [steps] * world
     seen = Counter(i for r in res for i in flat(r["batches"]))
-    assert set(seen) == set(range(n)) and sum(seen.values()) == -(-n // world) * world
+    assert set(seen) == set(range(n)) and sum(seen.values()) == per_rank_samples * world
 
 
 @pytest.mark.parametrize("prefetch, workers", [(0, 0), (3, 0), (2, 2)])
@@ -281,8 +282,9 @@ def test_killed_rank_makes_the_others_raise(data: str) -> None:
 def test_a_rank_that_skips_an_epoch_is_refused_on_every_rank() -> None:
     """A rank one pass ahead of the others: its messages pair with theirs and every rank
     raises ConfigMismatchError (the faults matrix's skip_epoch)."""
-    import horovod_iter as hi
     from toy_data import Ids
+
+    import horovod_iter as hi
 
     def fn(b: Any) -> Any:
         loader = hi.DistributedLoader(Ids(40), batch_size=2, backend=b, timeout=60)
