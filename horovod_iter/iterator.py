@@ -130,15 +130,25 @@ class DistributedIterator:
     loader's, as torch's DataLoader iterators have it.
     """
 
-    def __init__(self, loader: DistributedLoader, pass_: Pass, source: HostSource,
-                 serial: int) -> None:
+    def __init__(self, loader: DistributedLoader,
+                 start: Callable[[], tuple[Pass, HostSource, int]]) -> None:
         self._loader = loader
-        self._pass = pass_
-        self._source = source
+        self._start: Callable[[], tuple[Pass, HostSource, int]] | None = start
         self._closed = False
         self._t0 = time.perf_counter()
         self._steps = 0
         self._samples = 0
+
+    def _begin(self) -> None:
+        """Start the pass (at its first ``next()``, as torch's DataLoader reads its sampler
+        then): the loader lays it out, and the first message checks that every rank agrees
+        on the configuration and the position it starts from."""
+        start, self._start = self._start, None
+        assert start is not None
+        loader = self._loader
+        self._pass, source, serial = start()
+        self._source = source
+        pass_ = self._pass
         backend = loader.backend
         self.num_steps: int | None = source.num_batches
         # a MixedDataset's realised proportions: its sources of the slots handed out
@@ -153,17 +163,27 @@ class DistributedIterator:
                 source, backend, loader.uneven, loader.sync_timeout,
                 name=f"horovod_iter.{loader.id}", ops=loader.messages, serial=serial,
                 config=loader.config(), empty=empty, num_batches=source.num_batches,
-                even_rows=pass_.batch_size if loader.even_batches else None,
+                even_rows=(pass_.batch_size or loader._even_rows) if loader.even_batches
+                else None,
                 mark_padding=loader.mark_padding, lookahead_bytes=loader.lookahead_bytes)
         except BaseException:
+            self._closed = True
             source.close()
             raise
         self._prefetcher = CudaPrefetcher(self._sync, loader.device, loader.prefetch,
                                           pin_memory=loader.pin_memory,
                                           device_transform=loader.device_transform)
         self._it = iter(self._prefetcher)
-        self._progress = Progress(self.num_steps, f"horovod_iter epoch {pass_.epoch}",
+        self._progress = Progress(self.num_steps, f"epoch {pass_.epoch}",
                                   loader.progress and backend.rank == 0)
+
+    def __getattr__(self, name: str) -> Any:
+        # the pass's facts (num_steps) exist once it started: asking for them starts it
+        if name == "num_steps" and self.__dict__.get("_start") is not None \
+                and not self.__dict__.get("_closed", True):
+            self._begin()
+            return self.__dict__[name]
+        raise AttributeError(name)
 
     # -- protocol ---------------------------------------------------------------------
     def __iter__(self) -> DistributedIterator:
@@ -175,6 +195,12 @@ class DistributedIterator:
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
+        if self._start is not None:
+            try:
+                self._begin()
+            except BaseException:
+                self._closed = True
+                raise
         try:
             batch = next(self._it)
         except StopIteration:
@@ -199,7 +225,7 @@ class DistributedIterator:
             return next(self)
         except StopIteration:
             raise OutOfRangeError(
-                f"end of data after step {self._pass.steps} "
+                f"end of data after step {self._pass.steps if '_pass' in self.__dict__ else 0} "
                 f"(rank {self._loader.backend.rank})") from None
 
     def get_next_as_optional(self) -> Any | None:
@@ -212,6 +238,8 @@ class DistributedIterator:
     def stats(self) -> dict[str, Any]:
         """Steps, samples, seconds waiting for data / in the end-of-data check, h2d bytes."""
         elapsed = time.perf_counter() - self._t0
+        if "_sync" not in self.__dict__:  # not started
+            return {"steps": 0, "samples": 0, "elapsed_s": elapsed}
         p, s = self._prefetcher, self._sync
         return {
             "steps": self._steps, "samples": self._samples, "elapsed_s": elapsed,
@@ -252,6 +280,8 @@ class DistributedIterator:
         if self._closed:
             return
         self._closed = True
+        if "_prefetcher" not in self.__dict__:  # never started: nothing to release
+            return
         try:
             self._prefetcher.close()
         finally:
@@ -268,7 +298,8 @@ class DistributedIterator:
 
     def abandon(self) -> None:
         """Close without waiting for the collectives in flight (their world is gone)."""
-        self._sync.abandon()
+        if "_sync" in self.__dict__:
+            self._sync.abandon()
         self.close()
 
     def __enter__(self) -> DistributedIterator:
@@ -285,4 +316,5 @@ class DistributedIterator:
             return
         if not exiting():
             self._closed = True
-            self._sync.abandon()
+            if "_sync" in self.__dict__:
+                self._sync.abandon()

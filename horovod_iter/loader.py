@@ -15,10 +15,8 @@ The position model (the contract; docs/checkpoints.md says it for users):
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
@@ -27,23 +25,14 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from .backend import Backend, get_backend, init, is_provisional
-from .batching import LengthGroupedBatchSampler, RankBatches, batch_sampler_batches
-from .errors import ShardingError
-from .fetch import (
-    FetchOptions,
-    HostSource,
-    host_batches,
-    is_stateful,
-    plan_batches,
-    sampler_batches,
-)
+from .batching import RankBatches
+from .fetch import FetchOptions, HostSource
 from .iterator import DistributedIterator, Pass, fetching_ahead
 from .loader_config import UNSET as _UNSET
 from .loader_config import Unset as _Unset
 from .loader_config import (
     check_arguments,
     check_batch_sampler,
-    check_even,
     check_even_batches,
     check_worker_options,
     loader_sampler,
@@ -55,6 +44,7 @@ from .loader_state import (
     BATCH_SAMPLER,
     DATASET,
     EPOCH,
+    FINGERPRINT,
     FINISHED,
     GLOBAL_BATCH,
     ITERATIONS,
@@ -69,19 +59,22 @@ from .loader_state import (
     VERSION,
     WORLD,
     Resume,
-    check_dataset_state,
+    check_fingerprint,
     gather_dataset_state,
+    position_digest,
     validate,
 )
 from .mixing import MixedDataset
-from .plan import steps_for
 from .prefetch import resolve_device
-from .sampler import DistributedSampler, is_int
+from .sampler import is_int
+from .sources import CanonicalSource, Deal, SamplerSource, Source, StatefulSource, choose_source
 from .sync import LOOKAHEAD_BYTES, MessageCounter, Uneven, agree_on_state
 
 __all__ = ["DistributedIterator", "DistributedLoader"]
 
-_loader_ids = itertools.count()
+#: loaders made per backend: a loader's number names its ops, the same on every rank
+_loader_ids: weakref.WeakKeyDictionary[Backend, itertools.count[int]] = \
+    weakref.WeakKeyDictionary()
 
 
 class DistributedLoader:
@@ -114,6 +107,8 @@ class DistributedLoader:
         num_workers, collate_fn, worker_init_fn, multiprocessing_context, generator,
             prefetch_factor, persistent_workers, in_order: as for
             ``torch.utils.data.DataLoader`` (``persistent_workers`` map-style only).
+            ``generator`` seeds our sampler's shuffle (one seed drawn from it, as torch's
+            ``RandomSampler`` draws; seed it alike on every rank: the ranks compare it).
         pin_memory: pin host batches; ``None`` means "when ``device`` is CUDA".
         pin_memory_device: accepted for torch's signature (deprecated there); ``device``
             says where batches go.
@@ -229,8 +224,10 @@ class DistributedLoader:
                         timeout=timeout, drop_last=drop_last, progress=progress,
                         log_stats=log_stats, shuffle=shuffle,
                         device_transform=device_transform)
-        check_even_batches(even_batches, mark_padding, uneven=uneven,
-                           batch_sampler=batch_sampler is not None)
+        #: with even_batches, the rows every padded batch is filled to (a batch sampler's
+        #: batch_size; else the loader's per-rank batch)
+        self._even_rows = check_even_batches(even_batches, mark_padding, uneven=uneven,
+                                             batch_sampler=batch_sampler)
         self.even_batches = even_batches
         self.mark_padding = mark_padding
         self.lookahead_bytes = positive_int("lookahead_bytes", lookahead_bytes)
@@ -252,10 +249,14 @@ class DistributedLoader:
         self.is_iterable = isinstance(dataset, IterableDataset)
         self.uneven: Uneven = uneven
         self.drop_last = bool(drop_last)
-        self._batch_sampler = check_batch_sampler(batch_sampler, dataset, self.backend)
-        self.sampler = None if batch_sampler is not None else loader_sampler(
+        self._batch_sampler = check_batch_sampler(batch_sampler, dataset, self.backend,
+                                                  uneven=uneven)
+        self._sampler = None if batch_sampler is not None else loader_sampler(
             dataset, sampler, self.backend, shuffle=shuffle, seed=seed,
-            drop_last=self.drop_last, uneven=uneven)
+            drop_last=self.drop_last, uneven=uneven, generator=generator)
+        #: the data kind's strategy, chosen once
+        self._source: Source = choose_source(dataset, self._sampler, self._batch_sampler)
+        self._epoch_relay = _EpochRelay(self)
         self.num_workers = int(num_workers)
         self.collate_fn = collate_fn
         self.worker_init_fn = worker_init_fn
@@ -266,13 +267,16 @@ class DistributedLoader:
         self.progress = bool(progress)
         self.log_stats = bool(log_stats)
         self._device_arg = device
+        resolve_device(device)  # a bad or unavailable device fails here, not at the first batch
         self._pin_arg = pin_memory
         self.epoch = 0
         self._pending: Resume | None = None  # set by a load, taken by the next iter()
+        self._opening: Resume | None = None  # what a pass made by iter() but not begun resumes
+        self._start_digest: str | None = None  # the loaded position the last pass started at
         self._pass: Pass | None = None       # the latest pass of this epoch
         self._active: weakref.ReferenceType[DistributedIterator] | None = None
         #: this loader's number in the process (names its Horovod ops)
-        self.id = next(_loader_ids)
+        self.id = next(_loader_ids.setdefault(self._backend, itertools.count()))
         #: numbers the end-of-data messages of all its passes
         self.messages = MessageCounter()
         self._iterations = 0
@@ -301,6 +305,12 @@ class DistributedLoader:
                 "(per rank); under Horovod elastic, choose --min-np/--max-np so it divides")
         return g // world
 
+    def _deal(self) -> Deal:
+        """The world and batching of the next pass, as one small value for the source."""
+        b = self.backend
+        return Deal(b.size, b.rank, self._rank_batch, self.drop_last, self.uneven,
+                    self.num_workers, self.in_order)
+
     @property
     def timeout(self) -> float:
         """torch's attribute: the seconds to wait for a batch from a DataLoader worker (0:
@@ -321,6 +331,14 @@ class DistributedLoader:
         return None if self._batch_sampler is not None else self._rank_batch
 
     @property
+    def sampler(self) -> Any:
+        """torch's attribute: the sampler of map-style data (ours unless you gave one).
+        For iterable data (torch has a placeholder there) an object whose ``set_epoch`` is the
+        loader's: frameworks that set the epoch on ``loader.sampler`` (Lightning) reshuffle
+        streams too."""
+        return self._sampler if self._sampler is not None else self._epoch_relay
+
+    @property
     def batch_sampler(self) -> Any:
         """The batches of indices this rank reads (torch's attribute, which frameworks read:
         Lightning checks it for shuffling, accelerate's ``skip_first_batches`` re-batches
@@ -328,7 +346,7 @@ class DistributedLoader:
         epoch, from its beginning. ``None`` for iterable data."""
         if self._batch_sampler is not None:
             return self._batch_sampler
-        if self.sampler is None:
+        if self._sampler is None:
             return None
         return RankBatches(self, self._rank_batch)
 
@@ -340,8 +358,13 @@ class DistributedLoader:
     def steps(self) -> int:
         """Batches handed out in the current epoch (local: no collective, unlike
         ``state_dict()`` of sharded data)."""
-        p = self._pending or self._pass
+        p = self._position()
         return p.steps if p is not None else 0
+
+    def _position(self) -> Pass | Resume | None:
+        """A pending load, else the start of a pass not begun yet, else the latest pass of
+        this epoch (None: the epoch's beginning)."""
+        return self._pending or self._opening or self._pass
 
     @property
     def device(self) -> torch.device:
@@ -353,201 +376,88 @@ class DistributedLoader:
             return bool(self._pin_arg) and torch.cuda.is_available()
         return self.device.type == "cuda"
 
-    def _own_sampler(self) -> DistributedSampler | None:
-        return self.sampler if isinstance(self.sampler, DistributedSampler) else None
-
     def __len__(self) -> int:
         """Batches of a full pass of the current epoch on this rank (constant in the loop)."""
-        b, own = self.backend, self._own_sampler()
-        bs = self._rank_batch
-        bsampler = self._batch_sampler
-        if isinstance(bsampler, LengthGroupedBatchSampler):
-            counts = bsampler.counts(0)
-            return min(counts) if self.uneven == "stop" else max(counts)
-        if bsampler is not None:
-            return len(bsampler)  # this rank's (a foreign batch sampler's others are unknown)
-        if own is not None:
-            plan = dataclasses.replace(own.plan(), world=b.size, rank=b.rank)
-            counts = [steps_for(c, bs, self.drop_last) for c in plan.counts]
-            return min(counts) if self.uneven == "stop" else max(counts)
-        if self._canonical():
-            lay = self.dataset.layout(b.size, max(1, self.num_workers))
-            steps = [lay.rank_batches(r) for r in range(b.size)]
-            return min(steps) if self.uneven == "stop" else max(steps)
-        per_consumer = getattr(self.dataset, "consumer_counts", None)
-        if self.is_iterable and callable(per_consumer) and \
-                getattr(self.dataset, "sizes", None) is not None:
-            # every rank's batch count (each worker batches its own stream): the same len()
-            # on every rank - the steps the ranks take together
-            w = max(1, self.num_workers)
-            counts = per_consumer(b.size * w)
-            steps = [sum(steps_for(counts[r * w + k], bs, self.drop_last) for k in range(w))
-                     for r in range(b.size)]
-            return min(steps) if self.uneven == "stop" else max(steps)
-        source: Any = self.sampler if self.sampler is not None else self.dataset
-        try:
-            n = len(source)
-        except TypeError:
-            raise TypeError("len() of a DistributedLoader over an IterableDataset without "
-                            "__len__ is unknown; give the dataset a __len__ (this rank's "
-                            "samples) or use a map-style dataset") from None
-        return steps_for(n, bs, self.drop_last)
+        return self._source.num_batches(self._deal())
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the next ``iter()`` (its order, for shuffled map-style data).
-        Call it every epoch. Setting the epoch a pending load is in keeps the load; another
-        epoch discards it."""
+        """Select the epoch of the next pass: of the next ``iter()``, or of a pass whose
+        first batch is not taken yet (torch's rule: an epoch set between ``iter()`` and the
+        first ``next()`` applies to that pass). Call it every epoch. Setting the epoch a
+        pending load is in keeps the load; another epoch discards it."""
         if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         if int(epoch) != self.epoch:
-            self._pending = self._pass = None
+            self._pending = self._opening = self._pass = None
         self.epoch = int(epoch)
-        self._propagate_epoch()
-
-    def _propagate_epoch(self) -> None:
-        target: Any = self.sampler if self.sampler is not None else (
-            self._batch_sampler if self._batch_sampler is not None else self.dataset)
-        if callable(getattr(target, "set_epoch", None)):
-            target.set_epoch(self.epoch)
-        if isinstance(self.dataset, MixedDataset):  # its draws depend on the epoch too
-            self.dataset.set_epoch(self.epoch)
+        self._source.set_epoch(self.epoch)
 
     def config(self) -> dict[str, Any]:
-        """What every rank must agree on at ``iter()`` (checked with one allreduce)."""
-        own = self._own_sampler()
+        """What every rank must agree on at a pass's start (checked with one allreduce): the
+        source's fingerprint, the settings that decide which sample lands where, and the
+        position the pass starts from."""
+        deal = self._deal()
         return {
-            "dataset": self._dataset_fingerprint(),
-            "batch_size": self._rank_batch, "world_size": self.backend.size,
-            "batch_sampler": None if self._batch_sampler is None else
-            type(self._batch_sampler).__qualname__,
-            "uneven": self.uneven, "drop_last": self.drop_last, "epoch": self.epoch,
-            "even_batches": self.even_batches,
-            "iteration": self._iterations,
-            "sampler": None if own is None else own.state_dict(),
+            **self._source.config(deal),
+            "batch_size": deal.batch, "world_size": deal.world, "uneven": self.uneven,
+            "drop_last": self.drop_last, "epoch": self.epoch,
+            "even_batches": self.even_batches, "iteration": self._iterations,
+            "resume": self._start_digest,
         }
-
-    def _dataset_fingerprint(self) -> Any:
-        if not self.is_iterable:
-            return len(self.dataset)
-        fingerprint = getattr(self.dataset, "fingerprint", None)
-        return fingerprint() if callable(fingerprint) else "iterable"
 
     # -- iteration --------------------------------------------------------------------
     def _follow_world(self) -> None:
         """The backend's world changed under us (a Horovod elastic reset that skipped the
         state sync, e.g. ranks only removed): every surviving rank holds the same committed
         position, so each lays the rest of the epoch out over the new world by itself."""
-        own, b = self._own_sampler(), self.backend
-        if own is not None and (own.num_replicas, own.rank) != (b.size, b.rank):
-            self.abandon()
+        deal = self._deal()
+        if not self._source.world_moved(deal):
+            return
+        self.abandon()
+        if isinstance(self._source, SamplerSource):
             self.load_state_dict(self.state_dict())
-        ds = self.dataset
-        if self.is_iterable and callable(getattr(ds, "set_world", None)) and (
-                getattr(ds, "num_replicas", b.size), getattr(ds, "rank", b.rank)) != (
-                b.size, b.rank):
-            self.abandon()
-            ds.set_world(b.size, b.rank)
-            if self._pending is None and self._gathered is not None:
+        else:
+            self._source.move_world(deal)
+            if self._position() is None and self._gathered is not None:
                 self.load_state_dict(self._gathered)  # the last state every rank agreed on
+        if self._pending is not None:  # the pass beginning now resumes it
+            self._opening, self._pending = self._pending, None
 
     def __iter__(self) -> DistributedIterator:
-        self._follow_world()
+        """A new pass. It starts at its first ``next()`` (torch's rule): an epoch set in
+        between applies to it."""
         self._close_pass()
-        own = self._own_sampler()
-        followed = own if own is not None else self._batch_sampler
-        if isinstance(getattr(followed, "epoch", None), int) and followed.epoch != self.epoch:
-            # a framework set the epoch on loader.sampler (Lightning does): follow it
-            self.set_epoch(followed.epoch)
-        self._propagate_epoch()
-        resume, self._pending = self._pending, None
-        bs = self._rank_batch
-        opts = FetchOptions(bs, self.drop_last, self.num_workers, self.collate_fn,
-                            self.worker_init_fn, self.pin_memory, self.backend.rank,
-                            self.persistent_workers, self.sync_timeout,
-                            self.multiprocessing_context, self.generator, self.prefetch_factor,
-                            self.in_order)
-        own = self._own_sampler()
-        pass_ = Pass(self.epoch, bs, self.backend.size,
-                     steps=resume.steps if resume else 0,
-                     samples=resume.samples if resume else 0,
-                     cursor=own.begin_iteration() if own is not None else None)
-        if pass_.cursor is not None:
-            c = pass_.cursor
-            if self.uneven == "error":
-                check_even(c.plan, c.slot, self.backend.rank)
-            source = host_batches(self.dataset, opts, indices=plan_batches(
-                c.plan, c.slot, bs, self.drop_last), workers=self._workers)
-        elif self._batch_sampler is not None:
-            pass_.base = pass_.steps  # ours counts its position from the pass's start
-            source = host_batches(self.dataset, opts, indices=batch_sampler_batches(
-                self._batch_sampler, pass_.steps), workers=self._workers)
-        elif self.sampler is not None:
-            source = host_batches(self.dataset, opts, indices=sampler_batches(
-                self.sampler, pass_.samples, bs, self.drop_last), workers=self._workers)
-        elif is_stateful(self.dataset):
-            pass_.base = resume.dataset if resume else None
-            if self._canonical():
-                if not self.in_order:
-                    raise ValueError("the canonical layout of a ShardedDataset needs the "
-                                     "workers' batches in order: use in_order=True")
-                self.dataset.layout(self.backend.size, max(1, self.num_workers))  # checks
-            else:
-                self._check_shard_layout(pass_.base)
-            source = host_batches(self.dataset, opts, resume=pass_.base)
-        elif resume is not None and resume.finished:
-            source = _Empty()
-        else:
-            if pass_.steps:
-                warnings.warn(
-                    f"resuming an IterableDataset without state by replaying {pass_.steps} "
-                    "batches (O(steps), and only exact if it yields the same stream again); "
-                    "give it state_dict()/load_state_dict() or use horovod_iter.ShardedDataset",
-                    stacklevel=2)
-            source = host_batches(self.dataset, opts, skip=pass_.steps)
-        pass_.ahead = fetching_ahead()
-        self._pass = pass_
-        self._iterations += 1
-        it = DistributedIterator(self, pass_, source, self._iterations)
+        # the position is now the new pass's start: the pending load (this iter() takes it,
+        # torchdata's rule) or the epoch's beginning
+        self._opening, self._pending, self._pass = self._pending, None, None
+        it = DistributedIterator(self, functools.partial(self._start, fetching_ahead()))
         self._active = weakref.ref(it)
         return it
 
-    def _canonical(self) -> bool:
-        """A dataset with a canonical layout (``ShardedDataset(canonical_ranks=)``): tell it
-        the global batch its steps are cut for."""
-        if not (self.is_iterable and getattr(self.dataset, "canonical", None)):
-            return False
-        self.dataset.set_batching(self._rank_batch * self.backend.size, self.drop_last)
-        return True
-
-    def _check_shard_layout(self, base: Any) -> None:
-        """A rank without a shard stops every rank at step 0 under ``stop``/``error``: refuse a
-        fresh epoch that would train on nothing; warn for a resumed one that would drop the
-        shards left (the same on every rank: the layout is a pure function)."""
-        counts_of = getattr(self.dataset, "shard_counts", None)
-        if self.uneven == "pad" or not callable(counts_of):
-            return
-        w = max(1, self.num_workers)
-        size = self.backend.size
-        per_consumer = counts_of(size * w, base)
-        per_rank = [sum(per_consumer[r * w:(r + 1) * w]) for r in range(size)]
-        if min(per_rank) > 0:
-            return
-        empty = [r for r, n in enumerate(per_rank) if n == 0]
-        n = len(getattr(self.dataset, "shards", ()))
-        what = (f"{n} shards over {size} ranks x {w} worker(s) = {size * w} consumers (each "
-                f"reads whole shards), so rank(s) {empty} get none")
-        fix = ("use uneven='pad' (every sample once; ranks without data get empty batches), "
-               "split the data into at least as many shards as ranks x workers, or use "
-               "fewer workers")
-        if base is None:
-            raise ShardingError(
-                f"rank {self.backend.rank}: {what}, and uneven={self.uneven!r} would stop every "
-                f"rank at step 0: the epoch would train on nothing. {fix}")
-        left = sum(per_rank)
-        warnings.warn(
-            f"rank {self.backend.rank}: the resumed epoch {self.epoch} has {left} shard(s) "
-            f"left: {what}, and uneven={self.uneven!r} stops every rank at once, so they are "
-            f"not read this epoch; {fix}", RuntimeWarning, stacklevel=3)
+    def _start(self, ahead: Callable[[], int] | None) -> tuple[Pass, HostSource, int]:
+        """Begin the pass of the current epoch: from a pending load, else its start."""
+        self._follow_world()
+        outside = self._source.epoch_set_outside()
+        if outside is not None and outside != self.epoch:
+            # a framework set the epoch on loader.sampler (Lightning does): follow it
+            self.set_epoch(outside)
+        self._source.set_epoch(self.epoch)
+        resume, self._opening = self._opening, None
+        self._start_digest = resume.digest if resume is not None else None
+        deal = self._deal()
+        opts = FetchOptions(deal.batch, self.drop_last, self.num_workers, self.collate_fn,
+                            self.worker_init_fn, self.pin_memory, deal.rank,
+                            self.persistent_workers, self.sync_timeout,
+                            self.multiprocessing_context, self.generator, self.prefetch_factor,
+                            self.in_order)
+        pass_ = Pass(self.epoch, deal.batch, deal.world,
+                     steps=resume.steps if resume else 0,
+                     samples=resume.samples if resume else 0)
+        source = self._source.open(deal, opts, pass_, resume, self._workers)
+        pass_.ahead = ahead
+        self._pass = pass_
+        self._iterations += 1
+        return pass_, source, self._iterations
 
     def _close_pass(self) -> None:
         active = self._active() if self._active is not None else None
@@ -585,114 +495,83 @@ class DistributedLoader:
     def state_dict(self) -> dict[str, Any]:
         """The position as of the last batch handed to the user (prefetched batches are not
         consumed): a pending load, else the latest pass of this epoch, else its beginning.
-        JSON-serialisable, the same on every rank; changes nothing."""
-        own = self._own_sampler()
-        p = self._pending or self._pass
+        JSON-serialisable, the same on every rank, and of the same shape for a fresh and a
+        used loader (DCP loads into a fresh one's); it carries the source's fingerprint, so
+        it loads only into a loader that deals the samples alike. Changes nothing."""
+        p = self._position()
         if isinstance(p, Pass):
             p = p.consumed()  # not what a framework fetched ahead of its trainer
-        world = p.world if isinstance(p, Pass) else self.backend.size
-        dataset = self._dataset_state(p)  # first: it may send a message (counted below)
+        deal = self._deal()
+        world = p.world if isinstance(p, Pass) else deal.world
+        # first: a gather of the dataset's positions sends a message (counted below)
+        parts = self._source.state(p, deal, self._collect)
         state = {
             TYPE: STATE_TYPE, VERSION: STATE_VERSION, EPOCH: self.epoch,
             STEPS: p.steps if p else 0, SAMPLES: p.samples if p else 0,
             FINISHED: p.finished if p else False, WORLD: world,
-            BATCH: p.batch_size if isinstance(p, Pass) else self._rank_batch,
+            BATCH: p.batch_size if isinstance(p, Pass) else deal.batch,
             GLOBAL_BATCH: self._global_size, UNEVEN_MODE: self.uneven,
             ITERATIONS: self._iterations, MESSAGES: self.messages.value,
-            SAMPLER: None if own is None else (
-                own.state_at(p.cursor) if isinstance(p, Pass) and p.cursor is not None
-                else own.state_dict()),
-            DATASET: dataset,
-            BATCH_SAMPLER: self._batch_sampler_state(p),
+            SAMPLER: parts.get(SAMPLER), DATASET: parts.get(DATASET),
+            BATCH_SAMPLER: parts.get(BATCH_SAMPLER),
+            FINGERPRINT: self._source.fingerprint(),
         }
-        if self.is_iterable and is_stateful(self.dataset):
+        if self.is_iterable and isinstance(self._source, (StatefulSource, CanonicalSource)):
             self._gathered = state
         return state
 
-    def _batch_sampler_state(self, p: Pass | Resume | None) -> Any:
-        bs = self._batch_sampler
-        if not isinstance(bs, LengthGroupedBatchSampler):
-            return None
-        if isinstance(p, Pass):
-            return bs.state_dict(steps=p.steps - (p.base or 0))
-        return bs.state_dict()
-
-    def _dataset_state(self, p: Pass | Resume | None) -> Any:
-        if not (self.is_iterable and is_stateful(self.dataset)):
-            return None
-        if isinstance(p, Resume):
-            return p.dataset
-        if p is None:  # nothing handed out this epoch, on any rank: no need to gather
-            return None
-        if self._canonical():  # a count: every rank knows every rank's position
-            return self.dataset.canonical_state(p.steps, p.base, p.world,
-                                                max(1, self.num_workers), p.positions)
+    def _collect(self, positions: Mapping[int, Any], base: Any) -> Any:
+        """Every rank's consumer positions as the dataset's state: a collective, after one
+        message that checks every rank calls it at the same step."""
+        p = self._pass
         agree = functools.partial(agree_on_state, self.backend, name=f"horovod_iter.{self.id}",
-                                  ops=self.messages, serial=self._iterations, step=p.steps,
+                                  ops=self.messages, serial=self._iterations,
+                                  step=p.consumed().steps if p is not None else 0,
                                   timeout=self.sync_timeout)
-        return gather_dataset_state(self.dataset, self.backend, self._consumers(), p.positions,
-                                    p.base, agree, timeout=self.sync_timeout)
-
-    def _consumers(self) -> int:
-        return self.backend.size * max(1, self.num_workers)
+        return gather_dataset_state(self.dataset, self.backend, self._deal().consumers,
+                                    positions, base, agree, timeout=self.sync_timeout)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Make the next ``iter()`` resume exactly where ``state`` was saved: it yields the
+        """Make the next pass resume exactly where ``state`` was saved: it yields the
         batches an uninterrupted run would have yielded next - with any prefetch depth and
-        worker count, and (map-style data with our sampler) on another world size, backend,
-        ``batch_size`` or ``uneven``. Positions are in samples."""
+        worker count, and (map-style data with our sampler, `ShardedDataset`) on another
+        world size, backend, ``batch_size`` or ``uneven``. Positions are in samples.
+
+        Call it on every rank with the same state (the ranks check that they start from the
+        same position). A state saved for other data (another kind, length, mix, shard
+        list, seed...) is refused, naming what differs."""
         s = validate(state)
-        own, b = self._own_sampler(), self.backend
-        same_world = s[WORLD] == b.size
-        if own is not None:
-            if not isinstance(s.get(SAMPLER), Mapping):
-                raise ValueError("loader state has no sampler state; it was saved by a loader "
-                                 "over an IterableDataset or with a foreign sampler")
-            if (own.num_replicas, own.rank) != (b.size, b.rank):
-                own.set_world(b.size, b.rank)
-            own.load_state_dict(s[SAMPLER])
-        elif isinstance(self._batch_sampler, LengthGroupedBatchSampler):
-            if not isinstance(s.get(BATCH_SAMPLER), Mapping):
-                raise ValueError("loader state has no batch sampler state; it was saved by a "
-                                 "loader without this LengthGroupedBatchSampler")
-            self._batch_sampler.set_world(b.size, b.rank)
-            self._batch_sampler.load_state_dict(s[BATCH_SAMPLER])
-        elif self.is_iterable and is_stateful(self.dataset):
-            pass  # the dataset's own state says where; checked below
-        elif not same_world:
-            raise ValueError(
-                f"loader state was saved on {s[WORLD]} ranks; without horovod_iter's "
-                f"sampler or state (an IterableDataset without state_dict(), or a foreign "
-                f"sampler) it can only be resumed on {s[WORLD]} ranks, not {b.size}; use "
-                "horovod_iter.ShardedDataset or DistributedSampler to resume on any")
-        elif self.sampler is None and self._batch_sampler is None and \
-                s[BATCH] != self._rank_batch and s[STEPS]:
-            raise ValueError(
-                f"loader state was saved with batch_size={s[BATCH]} (per rank) over an "
-                f"IterableDataset, which resumes by replaying whole batches; build the loader "
-                f"with batch_size={s[BATCH]} (or global_batch_size={s[BATCH] * b.size}) to "
-                "resume, and change it at the next epoch")
+        check_fingerprint(s.get(FINGERPRINT), self._source.fingerprint())
+        dataset = self._source.load(s, self._deal())
         self.abandon()
         self.epoch = s[EPOCH]
-        self._pass = None
+        self._pass = self._opening = None
         # the ranks' pass and message numbers agree again (elastic sync: all load rank 0's)
         self._iterations = max(self._iterations, s[ITERATIONS])
         self.messages.value = max(self.messages.value, s[MESSAGES])
-        dataset = None
-        if self.is_iterable and is_stateful(self.dataset):
-            self._canonical()  # a canonical layout checks the state against its global batch
-            dataset = check_dataset_state(self.dataset, s.get(DATASET), self._consumers())
-        self._pending = Resume(s[STEPS], s[SAMPLES], s[FINISHED], dataset)
+        self._pending = Resume(s[STEPS], s[SAMPLES], s[FINISHED], dataset, position_digest(s))
 
     def _ended(self, it: DistributedIterator) -> None:
         """Called by a pass when it closes: keep its figures."""
         self._last_stats = it.stats()
 
 
-class _Empty(HostSource):
-    """The rest of a pass that was saved finished: nothing."""
+class _EpochRelay:
+    """``loader.sampler`` of iterable data: a framework's ``set_epoch`` on it reaches the
+    loader (Lightning sets the epoch on ``dataloader.sampler`` only)."""
 
-    num_batches = 0
+    def __init__(self, loader: DistributedLoader) -> None:
+        self._loader = weakref.ref(loader)
 
-    def __next__(self) -> Any:
-        raise StopIteration
+    @property
+    def epoch(self) -> int:
+        loader = self._loader()
+        return loader.epoch if loader is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self._loader()
+        if loader is not None:
+            loader.set_epoch(epoch)
+
+    def __repr__(self) -> str:
+        return "<the epoch of a DistributedLoader over iterable data>"

@@ -2,6 +2,8 @@
 data (every consumer's state, gathered over the ranks). A versioned, JSON-able contract."""
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -9,14 +11,18 @@ from typing import Any, Callable
 from .backend import DEFAULT_TIMEOUT, Backend
 from .sampler import is_int
 
-__all__ = ["Resume", "check_dataset_state", "gather_dataset_state", "validate"]
+__all__ = ["Resume", "check_dataset_state", "check_fingerprint", "gather_dataset_state",
+           "position_digest", "validate"]
 
 STATE_TYPE = "horovod_iter.DistributedLoader"
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: carries the source's fingerprint
 TYPE, VERSION, EPOCH, STEPS, WORLD = "type", "version", "epoch", "steps", "world_size"
 BATCH, GLOBAL_BATCH, UNEVEN_MODE = "batch_size", "global_batch_size", "uneven"
 FINISHED, SAMPLES, SAMPLER, ITERATIONS = "finished", "samples", "sampler", "iterations"
 MESSAGES, DATASET, BATCH_SAMPLER = "messages", "dataset", "batch_sampler"
+FINGERPRINT = "fingerprint"
+#: fields that count a rank's own passes and messages: not part of the position
+_COUNTERS = (ITERATIONS, MESSAGES)
 
 
 @dataclass
@@ -28,6 +34,40 @@ class Resume:
     samples: int
     finished: bool
     dataset: Any = None  # a stateful iterable's saved state
+    #: the loaded position, digested: every rank must start the pass from the same one
+    digest: str | None = None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, keys as strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def position_digest(state: Mapping[str, Any]) -> str:
+    """A digest of a loaded state's position (without the rank's own counters): the ranks
+    compare it when the resumed pass starts, so ranks resumed from different checkpoints
+    (or a load on some ranks only) are refused instead of repeating or losing samples."""
+    blob = json.dumps({k: v for k, v in state.items() if k not in _COUNTERS},
+                      sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def check_fingerprint(saved: Any, mine: Mapping[str, Any]) -> None:
+    """Refuse a state saved for data dealt otherwise (another data kind, length, mix, shard
+    list, seed...), naming each difference. States of version 1-2 carry none: accepted."""
+    if saved is None:
+        return
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"invalid loader state: 'fingerprint' must be a dict, got {saved!r}")
+    saved, here = _plain(saved), _plain(mine)
+    diff = [f"{k}: saved {saved.get(k)!r}, this loader {here.get(k)!r}"
+            for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
+    if diff:
+        raise ValueError(
+            "loader state was saved for data dealt otherwise, so resuming from it would "
+            "repeat or skip samples (" + "; ".join(diff) + "). Build the loader as the saving "
+            "run did (the same dataset, sampler, weights, shards and seed), or start this "
+            "data afresh without load_state_dict()")
 
 def gather_dataset_state(dataset: Any, backend: Backend, consumers: int,
                          positions: Mapping[int, Any], base: Any = None,
@@ -78,9 +118,9 @@ def validate(state: Any) -> dict[str, Any]:
     if state.get(TYPE) != STATE_TYPE:
         raise ValueError(f"not a horovod_iter loader state (type={state.get(TYPE)!r}); "
                          "pass the dict returned by DistributedLoader.state_dict()")
-    if state.get(VERSION) not in (1, STATE_VERSION):
+    if state.get(VERSION) not in (1, 2, STATE_VERSION):
         raise ValueError(f"loader state version {state.get(VERSION)!r} is not supported "
-                         f"(expected 1 or {STATE_VERSION})")
+                         f"(expected 1 to {STATE_VERSION})")
     out = dict(state)
     out.setdefault(ITERATIONS, 0)
     out.setdefault(MESSAGES, 0)

@@ -134,6 +134,15 @@ class MixedDataset(Dataset[Any]):
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def fingerprint(self) -> str:
+        """What decides every draw (sources' names and lengths, weights, the epoch's counts,
+        seed, shuffle): the loader compares it over the ranks and with a saved state, so a
+        mix built otherwise on one rank, or resumed into another mix, is refused."""
+        blob = repr((self.names, self.lengths, self.weights, self.counts, self.seed,
+                     self.shuffle)).encode()
+        digest = hashlib.blake2b(blob, digest_size=8).hexdigest()
+        return f"MixedDataset({len(self.sources)} sources, {digest})"
+
     def source_of(self, indices: Any) -> np.ndarray:
         """The source of each mixed index (an int array), vectorised."""
         idx = np.asarray(indices, dtype=np.int64)

@@ -349,8 +349,9 @@ class DistributedSampler(_TorchDistributedSampler):
                          else self._seed, self.epoch if epoch is None else epoch,
                          self.shuffle, self.pad, self.drop_last)
 
-    def begin_iteration(self) -> Cursor:
-        """Start a pass: the loaded position if a load is pending, else the epoch's beginning.
+    def begin_iteration(self, resume: bool = True) -> Cursor:
+        """Start a pass: the loaded position if a load is pending (and ``resume``: the loader
+        passes False for a pass that must start afresh), else the epoch's beginning.
 
         The returned cursor becomes the one `state_dict()` describes; advance it as
         samples are handed out. ``iter()`` calls this; so does the loader. The dataset's
@@ -359,7 +360,7 @@ class DistributedSampler(_TorchDistributedSampler):
         """
         self.seed  # noqa: B018 - resolves a seed=None broadcast on every rank alike
         n = self.refresh_length()
-        cursor = self._pending
+        cursor = self._pending if resume else None
         if cursor is not None and cursor.plan.n != n:
             raise ValueError(
                 f"the position this pass resumes (loaded with load_state_dict(), or carried "

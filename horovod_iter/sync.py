@@ -202,7 +202,10 @@ class EndOfDataSync(Iterator[Any]):
         self.wait_s = 0.0
         #: steps at which this rank yielded an empty (padding) batch
         self.padded_steps = 0
-        self._issue(_CONFIG)      # at iter(): also the configuration check
+        self._issue(_CONFIG)      # at the pass's start: also the configuration check,
+        # waited for before anything else is issued: on a mismatch every rank then has the
+        # same collectives behind it when they gather the configurations to explain it
+        self._wait_oldest()
 
     # -- messages -------------------------------------------------------------------------
     def _pull_ahead(self, upto: int) -> None:
@@ -295,7 +298,10 @@ class EndOfDataSync(Iterator[Any]):
                     f"(at {_KINDS[kind]} of pass {self.serial}, step {step}, the ranks' {what} "
                     f"ranges over {res[field]}..{-res[field + 1]}): iterate the loader on every "
                     "rank, the same number of times (not, e.g., `if rank == 0: "
-                    "next(iter(loader))`), and break out of it at the same step everywhere")
+                    "next(iter(loader))`), and break out of it at the same step everywhere"
+                    + ("; and call load_state_dict() on every rank with the same state (a "
+                       "load on some ranks only puts them at another pass and position)"
+                       if kind == _CONFIG else ""))
                 self.backend.fail(str(error))  # the ranks' collectives are out of step
                 raise error
         if res[_HASH] != -res[_HASH + 1]:
@@ -324,7 +330,10 @@ class EndOfDataSync(Iterator[Any]):
         raise ConfigMismatchError(
             f"rank {self.backend.rank}: the ranks are configured differently, so their data "
             "would not line up (or their collectives would hang): " + "; ".join(diffs)
-            + ". Build the loader with the same arguments and dataset on every rank.")
+            + ". Build the loader with the same arguments and dataset on every rank"
+            + ("; 'resume' is the loaded position the pass starts from: call "
+               "load_state_dict() on every rank with the same state (one checkpoint)"
+               if any(d.startswith("resume:") for d in diffs) else "") + ".")
 
     # -- iteration ------------------------------------------------------------------------
     def __next__(self) -> Any:

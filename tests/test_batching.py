@@ -221,12 +221,6 @@ def test_even_batches_with_a_batch_sampler_fill_the_padding_batch_with_marked_co
     assert per_rank[1][1]["padding"].all()  # rank 1's padding batch: all copies
 
 
-NEEDS_LOADER = pytest.mark.xfail(strict=True, reason=(
-    "needs loader.py to pass the batch sampler to check_even_batches (even_rows) and "
-    "uneven to check_batch_sampler; see the helper's report"))
-
-
-@NEEDS_LOADER
 def test_loader_even_batches_with_a_batch_sampler():
     """The same through DistributedLoader(even_batches=True, mark_padding=...)."""
     per_rank = epoch_ids("pad", 9, 4, 2, even_batches=True, mark_padding=hi.flag_padding())
@@ -234,7 +228,6 @@ def test_loader_even_batches_with_a_batch_sampler():
     assert all(len(b) == 4 for r in per_rank for b in r[0])
 
 
-@NEEDS_LOADER
 def test_loader_pad_never_repeats_a_sample_of_a_batch_sampler():
     """uneven="pad" tells the batch sampler not to repeat: 9 samples, batch 4, 2 ranks (the
     last global batch has 1 sample): each sample once, rank 1 pads with an empty batch."""

@@ -189,7 +189,7 @@ def test_fuzz_load_state_dict_random(state):
     _check_load(state)
 
 
-@pytest.mark.parametrize("version", [0, 3, "1", "2", None])
+@pytest.mark.parametrize("version", [0, 4, "1", "2", None])
 def test_other_state_versions_refused(version):
     state = _valid_state()
     bad = copy.deepcopy(state)

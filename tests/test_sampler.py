@@ -444,8 +444,6 @@ def test_loader_takes_the_new_samples_of_a_grown_dataset():
     assert [n for _, n in per_rank] == [6, 6]
 
 
-@pytest.mark.xfail(strict=True, reason="needs loader.py to pass generator=self.generator to "
-                                       "loader_sampler; see the helper's report")
 def test_loader_generator_seeds_the_shuffle():
     """Issue 21 row 11: generator seeds 1 and 5 give two orders, as torch's DataLoader."""
     from torch.utils.data import DataLoader
