@@ -27,20 +27,18 @@ import bisect
 import hashlib
 import inspect
 import itertools
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .backend import get_backend
+from .backend import DEFAULT_TIMEOUT, get_backend
 from .canonical import Layout, check_world, merge_key, merge_offsets, stream_pieces, window_labels
 from .errors import SampleError, ShardingError
 from .permutation import permute
-from .remote import ShardCache, is_remote, local_path
+from .remote import ShardCache, default_cache_dir, is_remote, local_path
 
 __all__ = ["ShardedDataset"]
 
@@ -72,12 +70,17 @@ class ShardedDataset(IterableDataset[Any]):
             loader keeps them current across Horovod elastic resets).
         cache_dir: where shards given as URLs (``s3://``, ``gs://``, ``https://``, anything
             fsspec opens) are downloaded before ``read`` gets their local path; shared by the
-            ranks and workers of a host. Default: ``$HOROVOD_ITER_CACHE`` or a folder in the
-            system's temporary directory.
+            ranks and workers of a host; copies are keyed by the shards' content identity
+            (ETag, else size and modification time), checked at every open. Default, per
+            user: ``$HOROVOD_ITER_CACHE``, else ``$XDG_CACHE_HOME/horovod_iter/shards``, else
+            ``~/.cache/horovod_iter/shards``.
         cache_limit: bytes the cache may hold (least recently used shards are evicted; the
             shards open at once are bounded by it too).
         storage_options: for fsspec (credentials, ``client_kwargs={"endpoint_url": ...}``).
         download_ahead: shards each consumer downloads ahead of the ones it reads.
+        timeout: seconds a shard's look-up or download (or the wait for another consumer's
+            download of it) may go without progress before `DataTimeoutError` naming its
+            URL (None: no bound): a stalled object store ends the read instead of blocking.
         canonical_ranks, canonical_workers: elastic determinism (needs ``sizes``): the
             epoch's records are cut into ``canonical_ranks x canonical_workers`` streams of
             equal length, and global step ``k`` takes ``global_batch / canonical_ranks``
@@ -107,7 +110,8 @@ class ShardedDataset(IterableDataset[Any]):
                  num_replicas: int | None = None, cache_dir: str | None = None,
                  cache_limit: int = 8 << 30, storage_options: dict[str, Any] | None = None,
                  download_ahead: int = 2, canonical_ranks: int | None = None,
-                 canonical_workers: int = 1) -> None:
+                 canonical_workers: int = 1,
+                 timeout: float | None = DEFAULT_TIMEOUT) -> None:
         if isinstance(shards, (str, bytes)) or not isinstance(shards, Sequence):
             raise TypeError(f"shards must be a sequence of shard descriptors (e.g. a list of "
                             f"paths), got {type(shards).__name__}")
@@ -151,8 +155,11 @@ class ShardedDataset(IterableDataset[Any]):
         self._pieces_cache: tuple[Any, list[list[tuple[int, int, int]]]] | None = None
         self.shards = list(shards)
         self.read = read
-        self.cache_dir = cache_dir or os.environ.get("HOROVOD_ITER_CACHE") or os.path.join(
-            tempfile.gettempdir(), "horovod_iter_cache")
+        self.cache_dir = cache_dir or default_cache_dir()
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        self.timeout = timeout
         self.cache_limit = cache_limit
         self.storage_options = storage_options
         self.download_ahead = download_ahead
@@ -298,7 +305,8 @@ class ShardedDataset(IterableDataset[Any]):
     def cache(self) -> ShardCache:
         """The local cache of remote shards (one per process)."""
         if self._cache is None:
-            self._cache = ShardCache(self.cache_dir, self.cache_limit, self.storage_options)
+            self._cache = ShardCache(self.cache_dir, self.cache_limit, self.storage_options,
+                                     timeout=self.timeout)
         return self._cache
 
     def __getstate__(self) -> dict[str, Any]:
