@@ -256,7 +256,7 @@ class Backend(ABC):
         self.fail(str(failure))
         return failure
 
-    def _start(self, what: str, start: Callable[[], AsyncHandle]) -> AsyncHandle:
+    def _begin(self, what: str, start: Callable[[], AsyncHandle]) -> AsyncHandle:
         """Issue a collective; an error while issuing it is a failure like one while waiting
         (the ranks' collectives are out of step)."""
         self._guard(what)
@@ -321,7 +321,7 @@ class Backend(ABC):
         backend's own sequence), so every rank must issue the library's collectives in the
         same order; ``name`` is a label for errors only."""
         self._check(tensor, op)
-        return self._start(f"allreduce {name or ''}".strip(),
+        return self._begin(f"allreduce {name or ''}".strip(),
                            lambda: self._allreduce(tensor, op))
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None,
@@ -340,7 +340,7 @@ class Backend(ABC):
             raise ValueError(f"root must be in [0, {self.size}), got {root}")
         self._guard(what)
         payload = dumps(obj) if self.rank == root else b""
-        data = self._start(what, lambda: self._broadcast_bytes(payload, root)).wait(
+        data = self._begin(what, lambda: self._broadcast_bytes(payload, root)).wait(
             timeout, what)
         return pickle.loads(data)
 
@@ -350,7 +350,7 @@ class Backend(ABC):
         (``HOROVOD_ITER_TIMEOUT``, 300 s, by default; ``None``: no limit)."""
         self._guard(what)
         payload = dumps(obj)
-        parts = self._start(what, lambda: self._allgather_bytes(payload)).wait(timeout, what)
+        parts = self._begin(what, lambda: self._allgather_bytes(payload)).wait(timeout, what)
         return [pickle.loads(p) for p in parts]
 
     def barrier(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
