@@ -39,7 +39,6 @@ from .fetch import (
     FetchOptions,
     HostSource,
     host_batches,
-    is_stateful,
     plan_batches,
     sampler_batches,
 )
@@ -57,6 +56,7 @@ from .loader_state import (
 )
 from .mixing import MixedDataset
 from .plan import steps_for
+from .protocols import CanonicalLayout, ElasticState, Fingerprinted, Stateful
 from .sampler import Cursor, DistributedSampler
 
 __all__ = ["Collect", "Deal", "Source", "choose_source", "digest"]
@@ -97,10 +97,9 @@ def digest(value: Any) -> str:
 
 
 def _dataset_id(dataset: Any) -> Any:
-    """A dataset's own fingerprint (``fingerprint()``, e.g. `MixedDataset`'s weights and
-    lengths, `ShardedDataset`'s shard list), else ``None``."""
-    own = getattr(dataset, "fingerprint", None)
-    return own() if callable(own) else None
+    """A dataset's own fingerprint (`Fingerprinted`: `MixedDataset`'s weights and lengths,
+    `ShardedDataset`'s shard list), else ``None``."""
+    return dataset.fingerprint() if isinstance(dataset, Fingerprinted) else None
 
 
 class Source(ABC):
@@ -354,7 +353,7 @@ class _IterableSource(Source):
 
     def world_moved(self, deal: Deal) -> bool:
         ds = self.dataset
-        return callable(getattr(ds, "set_world", None)) and (
+        return isinstance(ds, (ElasticState, CanonicalLayout)) and (
             getattr(ds, "num_replicas", deal.world), getattr(ds, "rank", deal.rank)) != (
             deal.world, deal.rank)
 
@@ -396,7 +395,7 @@ class StatefulSource(_IterableSource):
 
     @property
     def elastic(self) -> bool:  # type: ignore[override]
-        return bool(getattr(self.dataset, "elastic_state", False))
+        return isinstance(self.dataset, ElasticState) and bool(self.dataset.elastic_state)
 
     def open(self, deal: Deal, opts: FetchOptions, pass_: Pass, resume: Resume | None,
              workers: dict[Any, DataLoader[Any]]) -> HostSource:
@@ -415,9 +414,8 @@ class StatefulSource(_IterableSource):
     def _start(self, deal: Deal) -> Any:
         """The epoch's start as a state of the same shape as a used one (DCP loads a
         checkpoint into a fresh loader's state dict, key by key)."""
-        merge = getattr(self.dataset, "merge_states", None)
-        if self.elastic and callable(merge):
-            return merge([None] * deal.consumers, deal.consumers, None)
+        if self.elastic:
+            return self.dataset.merge_states([None] * deal.consumers, deal.consumers, None)
         return [None] * deal.consumers
 
     def load(self, s: Mapping[str, Any], deal: Deal) -> Any:
@@ -543,8 +541,8 @@ def choose_source(dataset: Any, sampler: Any, batch_sampler: Any) -> Source:
         if isinstance(sampler, DistributedSampler):
             return SamplerSource(dataset, sampler)
         return ForeignSamplerSource(dataset, sampler)
-    if is_stateful(dataset):
-        if getattr(dataset, "canonical", None):
-            return CanonicalSource(dataset)
+    if isinstance(dataset, CanonicalLayout) and dataset.canonical:
+        return CanonicalSource(dataset)
+    if isinstance(dataset, Stateful):
         return StatefulSource(dataset)
     return ReplaySource(dataset)
