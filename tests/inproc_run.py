@@ -268,7 +268,7 @@ def ids(res: list[dict[str, Any]], epoch: int = 0) -> list[int]:
 def named_mix(b: ThreadBackend) -> hi.MixedDataset:
     return hi.MixedDataset({"web": Named("web", 50), "code": Named("code", 13),
                             "books": Named("books", 200)}, weights=[0.5, 0.3, 0.2],
-                           samples_per_epoch=90, seed=11, rank=b.rank, num_replicas=b.size)
+                           samples_per_epoch=90, seed=11)
 
 
 def mixed_run(b: ThreadBackend, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +278,7 @@ def mixed_run(b: ThreadBackend, cfg: dict[str, Any]) -> dict[str, Any]:
     seed = cfg.get("seed_by_rank", {}).get(str(b.rank), 11)
     mix = hi.MixedDataset({"web": Named("web", 50), "code": Named("code", 13),
                            "books": Named("books", 200)}, weights=weights,
-                          samples_per_epoch=90, seed=seed, rank=b.rank, num_replicas=b.size)
+                          samples_per_epoch=90, seed=seed)
     out: dict[str, Any] = {"rank": b.rank, "epochs": {}, "stats": {}, "batches": {},
                            "error": None}
     try:
