@@ -12,30 +12,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+import torch
 
 from . import backend as _backend
 from ._tree import caller_self, first_tensor
+from .backend import Backend
 from .errors import OutOfRangeError
 from .fetch import HostSource
-from .gather import BatchFetcher
 from .prefetch import CudaPrefetcher
 from .progress import Progress, format_stats
 from .sampler import Cursor
-from .sync import EndOfDataSync
+from .sync import EndOfDataSync, MessageCounter, Uneven
 
-if TYPE_CHECKING:
-    from .loader import DistributedLoader
-
-__all__ = ["DistributedIterator", "Pass"]
+__all__ = ["DistributedIterator", "Pass", "PassOptions"]
 
 log = logging.getLogger("horovod_iter")
 
@@ -97,6 +93,39 @@ class Pass:
                                    history=collections.deque(maxlen=_HISTORY))
 
 
+@dataclass(frozen=True)
+class PassOptions:
+    """Everything one pass needs from its loader, as one value made when the pass starts
+    (so this module knows nothing of the loader)."""
+
+    backend: Backend
+    uneven: Uneven
+    #: seconds to wait for the other ranks (None: no limit)
+    timeout: float | None
+    #: names the pass's collectives (with ``ops``): the same on every rank
+    name: str
+    ops: MessageCounter
+    #: this pass's number among the loader's passes
+    serial: int
+    #: what every rank must agree on (the first message checks it)
+    config: dict[str, Any]
+    #: makes an empty batch of the data's structure (map-style ``pad``)
+    empty: Callable[[], Any] | None
+    even_rows: int | None
+    mark_padding: Callable[[Any, torch.Tensor], Any] | None
+    lookahead_bytes: int
+    device: torch.device
+    prefetch: int
+    pin_memory: bool
+    device_transform: Callable[[Any], Any] | None
+    progress: bool
+    log_stats: bool
+    #: a mix's realised shares of the batches handed out (``source_counts``...), if any
+    mix_stats: Callable[[Pass], dict[str, Any]] | None = None
+    #: called with the pass's figures when it closes
+    on_close: Callable[[dict[str, Any]], None] | None = None
+
+
 _MISSING = object()
 _HISTORY = 16  # batches that can be taken back (Lightning holds 1)
 _FETCHERS = {("lightning.pytorch.loops.fetchers", "_PrefetchDataFetcher"),
@@ -127,55 +156,43 @@ class DistributedIterator:
     ``next()``/``get_next()`` hand out the next batch, already on the loader's device; at the
     end of data every rank stops at the same step. ``num_steps`` is the number of batches this
     pass yields when known (for a resumed pass: the rest of the epoch); ``len()`` is the
-    loader's, as torch's DataLoader iterators have it.
+    loader's, as torch's DataLoader iterators have it. The pass starts at its first
+    ``next()`` (torch's DataLoader reads its sampler then): an epoch set in between applies.
     """
 
-    def __init__(self, loader: DistributedLoader,
-                 start: Callable[[], tuple[Pass, HostSource, int]]) -> None:
-        self._loader = loader
-        self._start: Callable[[], tuple[Pass, HostSource, int]] | None = start
+    def __init__(self, start: Callable[[], tuple[Pass, HostSource, PassOptions]],
+                 length: Callable[[], int]) -> None:
+        self._start: Callable[[], tuple[Pass, HostSource, PassOptions]] | None = start
+        self._length = length
         self._closed = False
         self._t0 = time.perf_counter()
         self._steps = 0
         self._samples = 0
 
     def _begin(self) -> None:
-        """Start the pass (at its first ``next()``, as torch's DataLoader reads its sampler
-        then): the loader lays it out, and the first message checks that every rank agrees
-        on the configuration and the position it starts from."""
+        """Start the pass: the loader lays it out, and the first message checks that every
+        rank agrees on the configuration and the position it starts from."""
         start, self._start = self._start, None
         assert start is not None
-        loader = self._loader
-        self._pass, source, serial = start()
-        self._source = source
-        pass_ = self._pass
-        backend = loader.backend
+        self._pass, source, o = start()
+        self._source, self._opts = source, o
         self.num_steps: int | None = source.num_batches
-        # a MixedDataset's realised proportions: its sources of the slots handed out
-        self._counted_slot = pass_.cursor.slot if pass_.cursor is not None else None
-        self._source_counts: Any = None
-        empty = None
-        if not loader.is_iterable:  # pad: a rank with no batch copies the form of sample 0
-            empty = functools.partial(BatchFetcher(loader.dataset, loader.collate_fn, False,
-                                                   backend.rank), np.zeros(1, dtype=np.int64))
         try:  # its first message is the configuration check
             self._sync = EndOfDataSync(
-                source, backend, loader.uneven, loader.sync_timeout,
-                name=f"horovod_iter.{loader.id}", ops=loader.messages, serial=serial,
-                config=loader.config(), empty=empty, num_batches=source.num_batches,
-                even_rows=(pass_.batch_size or loader._even_rows) if loader.even_batches
-                else None,
-                mark_padding=loader.mark_padding, lookahead_bytes=loader.lookahead_bytes)
+                source, o.backend, o.uneven, o.timeout, name=o.name, ops=o.ops,
+                serial=o.serial, config=o.config, empty=o.empty,
+                num_batches=source.num_batches, even_rows=o.even_rows,
+                mark_padding=o.mark_padding, lookahead_bytes=o.lookahead_bytes)
         except BaseException:
             self._closed = True
             source.close()
             raise
-        self._prefetcher = CudaPrefetcher(self._sync, loader.device, loader.prefetch,
-                                          pin_memory=loader.pin_memory,
-                                          device_transform=loader.device_transform)
+        self._prefetcher = CudaPrefetcher(self._sync, o.device, o.prefetch,
+                                          pin_memory=o.pin_memory,
+                                          device_transform=o.device_transform)
         self._it = iter(self._prefetcher)
-        self._progress = Progress(self.num_steps, f"epoch {pass_.epoch}",
-                                  loader.progress and backend.rank == 0)
+        self._progress = Progress(self.num_steps, f"epoch {self._pass.epoch}",
+                                  o.progress and o.backend.rank == 0)
 
     def __getattr__(self, name: str) -> Any:
         # the pass's facts (num_steps) exist once it started: asking for them starts it
@@ -190,7 +207,7 @@ class DistributedIterator:
         return self
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return self._length()
 
     def __next__(self) -> Any:
         if self._closed:
@@ -224,9 +241,10 @@ class DistributedIterator:
         try:
             return next(self)
         except StopIteration:
+            started = "_opts" in self.__dict__
             raise OutOfRangeError(
-                f"end of data after step {self._pass.steps if '_pass' in self.__dict__ else 0} "
-                f"(rank {self._loader.backend.rank})") from None
+                f"end of data after step {self._pass.steps if started else 0}"
+                + (f" (rank {self._opts.backend.rank})" if started else "")) from None
 
     def get_next_as_optional(self) -> Any | None:
         """The next batch, or ``None`` at the end of data."""
@@ -240,7 +258,7 @@ class DistributedIterator:
         elapsed = time.perf_counter() - self._t0
         if "_sync" not in self.__dict__:  # not started
             return {"steps": 0, "samples": 0, "elapsed_s": elapsed}
-        p, s = self._prefetcher, self._sync
+        p, s, mix = self._prefetcher, self._sync, self._opts.mix_stats
         return {
             "steps": self._steps, "samples": self._samples, "elapsed_s": elapsed,
             "data_wait_s": p.wait_s, "input_bound_fraction": p.wait_s / elapsed if elapsed else 0.0,
@@ -249,30 +267,8 @@ class DistributedIterator:
             "padded_steps": s.padded_steps,
             "lookahead_max_batches": s.lookahead_max_batches,
             "lookahead_max_bytes": s.lookahead_max_bytes,
-            **self._mix_stats(),
+            **(mix(self._pass) if mix is not None else {}),
         }
-
-    def _mix_stats(self) -> dict[str, Any]:
-        """``source_counts`` and ``source_proportions`` of a `MixedDataset`: the samples this
-        rank handed out, by source (counted incrementally from the slots taken)."""
-        ds, cursor = self._loader.dataset, self._pass.cursor
-        of_steps = getattr(ds, "rank_source_counts", None)
-        if callable(of_steps):  # a MixedStream: the shares follow from the step
-            counts = of_steps(self._pass.steps)
-            return {"source_counts": dict(zip(ds.names, counts)),
-                    "source_proportions": ds.proportions(counts)}
-        source_of = getattr(ds, "source_of", None)
-        if cursor is None or self._counted_slot is None or not callable(source_of):
-            return {}
-        if self._source_counts is None:
-            self._source_counts = np.zeros(len(ds.names), dtype=np.int64)
-        if cursor.slot > self._counted_slot:
-            idx = cursor.plan.indices(self._counted_slot, cursor.slot)
-            self._source_counts += np.bincount(source_of(idx), minlength=len(ds.names))
-            self._counted_slot = cursor.slot
-        counts = self._source_counts.tolist()
-        return {"source_counts": dict(zip(ds.names, counts)),
-                "source_proportions": ds.proportions(counts)}
 
     def close(self) -> None:
         """Release workers, pinned buffers and streams; never waits on other ranks.
@@ -290,10 +286,12 @@ class DistributedIterator:
             finally:
                 self._source.close()
         stats = self.stats()
-        self._loader._ended(self)
+        o = self._opts
+        if o.on_close is not None:
+            o.on_close(stats)
         self._progress.close(stats)
-        if self._loader.log_stats and log.isEnabledFor(logging.DEBUG):
-            log.debug("rank %d, epoch %d: %s", self._loader.backend.rank, self._pass.epoch,
+        if o.log_stats and log.isEnabledFor(logging.DEBUG):
+            log.debug("rank %d, epoch %d: %s", o.backend.rank, self._pass.epoch,
                       format_stats(stats))
 
     def abandon(self) -> None:

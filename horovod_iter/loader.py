@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, Sampler
 from .backend import Backend, get_backend, init, is_provisional
 from .batching import RankBatches
 from .fetch import FetchOptions, HostSource
-from .iterator import DistributedIterator, Pass, fetching_ahead
+from .iterator import DistributedIterator, Pass, PassOptions, fetching_ahead
 from .loader_config import UNSET as _UNSET
 from .loader_config import Unset as _Unset
 from .loader_config import (
@@ -430,11 +430,13 @@ class DistributedLoader:
         # the position is now the new pass's start: the pending load (this iter() takes it,
         # torchdata's rule) or the epoch's beginning
         self._opening, self._pending, self._pass = self._pending, None, None
-        it = DistributedIterator(self, functools.partial(self._start, fetching_ahead()))
+        it = DistributedIterator(functools.partial(self._start, fetching_ahead()),
+                                 self.__len__)
         self._active = weakref.ref(it)
         return it
 
-    def _start(self, ahead: Callable[[], int] | None) -> tuple[Pass, HostSource, int]:
+    def _start(self, ahead: Callable[[], int] | None
+               ) -> tuple[Pass, HostSource, PassOptions]:
         """Begin the pass of the current epoch: from a pending load, else its start."""
         self._follow_world()
         outside = self._source.epoch_set_outside()
@@ -457,7 +459,21 @@ class DistributedLoader:
         pass_.ahead = ahead
         self._pass = pass_
         self._iterations += 1
-        return pass_, source, self._iterations
+        try:
+            options = PassOptions(
+                backend=self.backend, uneven=self.uneven, timeout=self.sync_timeout,
+                name=f"horovod_iter.{self.id}", ops=self.messages, serial=self._iterations,
+                config=self.config(), empty=self._source.empty(self.collate_fn, deal.rank),
+                even_rows=(deal.batch or self._even_rows) if self.even_batches else None,
+                mark_padding=self.mark_padding, lookahead_bytes=self.lookahead_bytes,
+                device=self.device, prefetch=self.prefetch, pin_memory=self.pin_memory,
+                device_transform=self.device_transform, progress=self.progress,
+                log_stats=self.log_stats, mix_stats=self._source.mix_stats(pass_),
+                on_close=self._ended)
+        except BaseException:
+            source.close()
+            raise
+        return pass_, source, options
 
     def _close_pass(self) -> None:
         active = self._active() if self._active is not None else None
@@ -551,9 +567,9 @@ class DistributedLoader:
         self.messages.value = max(self.messages.value, s[MESSAGES])
         self._pending = Resume(s[STEPS], s[SAMPLES], s[FINISHED], dataset, position_digest(s))
 
-    def _ended(self, it: DistributedIterator) -> None:
+    def _ended(self, stats: dict[str, Any]) -> None:
         """Called by a pass when it closes: keep its figures."""
-        self._last_stats = it.stats()
+        self._last_stats = stats
 
 
 class _EpochRelay:

@@ -23,6 +23,7 @@ the canonical layout of streams (a state that is a count), and plain iterable da
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -31,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from .batching import LengthGroupedBatchSampler, batch_sampler_batches
@@ -42,6 +44,7 @@ from .fetch import (
     plan_batches,
     sampler_batches,
 )
+from .gather import BatchFetcher
 from .iterator import Pass
 from .loader_config import check_even
 from .loader_state import (
@@ -54,7 +57,7 @@ from .loader_state import (
     Resume,
     check_dataset_state,
 )
-from .mixing import MixedDataset
+from .mixing import MixedDataset, MixedStream
 from .plan import steps_for
 from .protocols import CanonicalLayout, ElasticState, Fingerprinted, Stateful
 from .sampler import Cursor, DistributedSampler
@@ -166,6 +169,16 @@ class Source(ABC):
                 "horovod_iter.ShardedDataset or DistributedSampler to resume on any")
         return None
 
+    def mix_stats(self, pass_: Pass) -> Callable[[Pass], dict[str, Any]] | None:
+        """For a mix: a function of the started ``pass_`` giving the samples it handed out
+        by source (``source_counts``, ``source_proportions``); None for other data."""
+        return None
+
+    def empty(self, collate_fn: Any, rank: int) -> Callable[[], Any] | None:
+        """Makes an empty batch of the data's structure, for a rank that has none to copy
+        it from under ``pad`` (map-style data: from sample 0); None: the ranks share one."""
+        return None
+
     def fingerprint(self) -> dict[str, Any]:
         """What decides which sample lands where, independent of the world: saved with the
         state and compared on load."""
@@ -183,6 +196,10 @@ class _MapSource(Source):
 
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "length": len(self.dataset)}
+
+    def empty(self, collate_fn: Any, rank: int) -> Callable[[], Any] | None:
+        return functools.partial(BatchFetcher(self.dataset, collate_fn, False, rank),
+                                 np.zeros(1, dtype=np.int64))
 
 
 class SamplerSource(_MapSource):
@@ -247,6 +264,11 @@ class SamplerSource(_MapSource):
     def config(self, deal: Deal) -> dict[str, Any]:
         # the start of the pass (the sampler's cursor) and its seed: every rank alike
         return {**self.fingerprint(), "sampler": self.sampler.state_dict()}
+
+    def mix_stats(self, pass_: Pass) -> Callable[[Pass], dict[str, Any]] | None:
+        if not isinstance(self.dataset, MixedDataset) or pass_.cursor is None:
+            return None
+        return _SlotCounts(self.dataset, pass_.cursor.slot)
 
 
 class LengthGroupedSource(_MapSource):
@@ -492,6 +514,17 @@ class CanonicalSource(_IterableSource):
         self.configure(deal)  # the layout checks the state against its global batch
         return check_dataset_state(self.dataset, s.get(DATASET), deal.consumers)
 
+    def mix_stats(self, pass_: Pass) -> Callable[[Pass], dict[str, Any]] | None:
+        mix = self.dataset
+        if not isinstance(mix, MixedStream):
+            return None
+
+        def shares(p: Pass) -> dict[str, Any]:  # the shares follow from the step
+            counts = mix.rank_source_counts(p.steps)
+            return {"source_counts": dict(zip(mix.names, counts)),
+                    "source_proportions": mix.proportions(counts)}
+        return shares
+
 
 class ReplaySource(_IterableSource):
     """Iterable data without state: resumes by replaying the batches handed out (exact
@@ -520,6 +553,25 @@ class ReplaySource(_IterableSource):
                 f"with batch_size={s[BATCH]} (or global_batch_size={s[BATCH] * deal.world}) "
                 "to resume, and change it at the next epoch")
         return None
+
+
+class _SlotCounts:
+    """A `MixedDataset`'s samples handed out by source in one pass, counted incrementally
+    from the slots its cursor has taken since ``start``."""
+
+    def __init__(self, mix: MixedDataset, start: int) -> None:
+        self.mix, self.slot = mix, start
+        self.counts = np.zeros(len(mix.names), dtype=np.int64)
+
+    def __call__(self, p: Pass) -> dict[str, Any]:
+        c = p.cursor
+        if c is not None and c.slot > self.slot:
+            idx = c.plan.indices(self.slot, c.slot)
+            self.counts += np.bincount(self.mix.source_of(idx), minlength=len(self.mix.names))
+            self.slot = c.slot
+        counts = self.counts.tolist()
+        return {"source_counts": dict(zip(self.mix.names, counts)),
+                "source_proportions": self.mix.proportions(counts)}
 
 
 class _Empty(HostSource):
