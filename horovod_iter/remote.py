@@ -176,6 +176,7 @@ class ShardCache:
         self._ahead: dict[str, tuple[str, int]] = {}  # url -> (name, locked fd): downloaded
         self._infos: dict[str, tuple[int, str]] = {}  # url -> (size, name) last looked up
         self._checked: set[str] = set()        # looked up since their last open
+        self._looking: dict[str, threading.Event] = {}  # look-ups under way (set when done)
         self._thread: threading.Thread | None = None
         self._wanted: list[str] = []
         self._fetched: set[str] = set()        # prefetched (or failed: the reader retries)
@@ -239,19 +240,30 @@ class ShardCache:
     def _lookup(self, url: str, opening: bool) -> tuple[int, str]:
         """(size, name) of ``url``. An open asks the store unless a look-up since the last
         open (the download ahead, or `has_room`) did; other callers take the last answer."""
-        with self._lock:
-            known = self._infos.get(url)
-            if known is not None and (url in self._checked or not opening):
+        while True:
+            with self._lock:
+                known = self._infos.get(url)
+                if known is not None and (url in self._checked or not opening):
+                    if opening:
+                        self._checked.discard(url)
+                    return known
+                pending = self._looking.get(url)
+                if pending is None:  # ours to look up
+                    pending = self._looking[url] = threading.Event()
+                    break
+            pending.wait()  # the other thread's look-up (bounded by the timeout) answers
+        try:
+            known = self._stat(url)
+            with self._lock:
+                self._infos[url] = known
                 if opening:
                     self._checked.discard(url)
-                return known
-        known = self._stat(url)
-        with self._lock:
-            self._infos[url] = known
-            if opening:
-                self._checked.discard(url)
-            else:
-                self._checked.add(url)
+                else:
+                    self._checked.add(url)
+        finally:
+            with self._lock:
+                del self._looking[url]
+            pending.set()
         return known
 
     def size(self, url: str) -> int:
@@ -381,7 +393,7 @@ class ShardCache:
                     continue
             except _NoRoom:
                 pass
-            except Exception:  # noqa: BLE001 - the reader meets it again, and reports it
+            except Exception:  # the reader meets it again, and reports it
                 with self._lock:
                     self._fetched.add(url)
                 continue
@@ -589,7 +601,7 @@ class ShardCache:
         def run() -> None:
             try:
                 box.append((True, fn()))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
+            except BaseException as e:  # handed to the caller
                 box.append((False, e))
             finally:
                 done.set()

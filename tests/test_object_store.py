@@ -39,18 +39,21 @@ class Requests:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.gets: collections.Counter[str] = collections.Counter()
+        self.heads: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
-        if environ["REQUEST_METHOD"] == "GET" and path.strip("/").count("/") >= 1:
+        method = environ["REQUEST_METHOD"]
+        if method in ("GET", "HEAD") and path.strip("/").count("/") >= 1:
             with self.lock:
-                self.gets[path.lstrip("/")] += 1
+                (self.gets if method == "GET" else self.heads)[path.lstrip("/")] += 1
         return self.app(environ, start_response)
 
-    def total(self, prefix: str) -> int:
+    def total(self, prefix: str, method: str = "GET") -> int:
         with self.lock:
-            return sum(n for key, n in self.gets.items() if key.startswith(prefix))
+            counts = self.gets if method == "GET" else self.heads
+            return sum(n for key, n in counts.items() if key.startswith(prefix))
 
 
 class Store(NamedTuple):
@@ -197,7 +200,7 @@ def test_s3_shards_under_the_canonical_layout_resume_from_rank_0s_count(s3, tmp_
     and 3 ranks without workers read the rest: every record once."""
     endpoint = s3.endpoint
     state = tmp_path / "state.json"
-    canon = dict(canonical=[6, 2], sizes=SIZES, global_batch_size=12)
+    canon = {"canonical": [6, 2], "sizes": SIZES, "global_batch_size": 12}
     first = run(2, tmp_path, endpoint, workers=2, stop_after=8, state_out=str(state),
                 rank0_saves=True, **canon)
     second = run(3, tmp_path, endpoint, cache="cache2", state_in=str(state), **canon)
@@ -384,8 +387,9 @@ def test_download_ahead_downloads_each_shard_once(s3, tmp_path, workers, room):
                            storage_options=options(s3.endpoint), download_ahead=2, seed=1,
                            interleave=1)
     assert loader_ids(ds, workers) == list(range(600))
-    gets = s3.requests.total(bucket + "/")
-    print(f"workers={workers} cache={room}: {gets} GETs for 60 shards")
+    gets, heads = s3.requests.total(bucket + "/"), s3.requests.total(bucket + "/", "HEAD")
+    print(f"workers={workers} cache={room}: {gets} GETs, {heads} HEADs for 60 shards")
+    assert heads <= 60  # the identity is looked up once per open (the download ahead's)
     assert gets == 60, collections.Counter(
         {k: n for k, n in s3.requests.gets.items() if k.startswith(bucket) and n > 1})
 
@@ -407,3 +411,110 @@ def test_shards_split_between_consumers_are_downloaded_once_per_host(s3, tmp_pat
     print(f"canonical 1x2 on 2 workers: {gets} GETs for 24 shards")
     assert gets == 24, collections.Counter(
         {k: n for k, n in s3.requests.gets.items() if k.startswith("split") and n > 1})
+
+
+class Trickle:
+    """An HTTP server whose HEAD answers at once and whose GET sends ``chunks`` pieces of 16 kB
+    ``gap`` seconds apart, then (``stall``) holds the connection without the rest."""
+
+    def __init__(self, chunks: int, gap: float, stall: bool) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        piece, total = 16 << 10, (chunks + stall) * (16 << 10)
+        done = self.done = threading.Event()
+        gets = self.gets = collections.Counter[str]()
+
+        class Handler(BaseHTTPRequestHandler):
+            def head(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(total))
+                self.send_header("ETag", '"v1"')
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                self.head()
+
+            def do_GET(self) -> None:
+                gets[self.path] += 1
+                self.head()
+                for _ in range(chunks):
+                    self.wfile.write(b"x" * piece)
+                    self.wfile.flush()
+                    done.wait(gap)
+                if stall:
+                    done.wait()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/shard.bin"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.done.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(300)
+def test_a_download_that_stalls_midway_is_our_error_and_a_slow_one_is_not(tmp_path):
+    """The bound is on progress, not on the whole download: 8 pieces 0.5 s apart (4 s in
+    all) arrive with a 2 s timeout; a download that stops after 2 pieces is
+    `DataTimeoutError` naming the URL."""
+    pytest.importorskip("aiohttp")
+    import horovod_iter as hi
+
+    def sizes(path):
+        return [os.path.getsize(path)]
+
+    slow = Trickle(8, 0.5, stall=False)
+    try:
+        ds = hi.ShardedDataset([slow.url], sizes, cache_dir=str(tmp_path / "c"), timeout=2)
+        assert list(ds) == [8 * (16 << 10)]
+    finally:
+        slow.close()
+    stuck = Trickle(2, 0.0, stall=True)
+    try:
+        ds = hi.ShardedDataset([stuck.url], sizes, cache_dir=str(tmp_path / "c"), timeout=2)
+        with pytest.raises(hi.SampleError, match="the download made no progress in 2 s") as e:
+            list(ds)
+    finally:
+        stuck.close()
+    assert stuck.url in str(e.value) and isinstance(e.value.__cause__, hi.DataTimeoutError)
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.timeout(300)
+def test_a_consumer_waits_for_the_download_another_has_under_way(tmp_path):
+    """Two caches of one folder (two consumers of a host) open one shard that arrives in 8
+    pieces 0.5 s apart, with a 2 s timeout: one GET; the second waits for the first's
+    download as long as bytes arrive. When that download stalls, the waiting one too ends
+    with our error naming the URL."""
+    pytest.importorskip("aiohttp")
+    from horovod_iter.errors import DataTimeoutError
+    from horovod_iter.remote import ShardCache
+
+    for stall in (False, True):
+        server = Trickle(8 if not stall else 2, 0.5, stall=stall)
+        caches = [ShardCache(tmp_path / f"c{stall}", 1 << 20, timeout=2) for _ in range(2)]
+        out: list[Any] = [None, None]
+
+        def open_(k: int) -> None:
+            try:
+                out[k] = os.path.getsize(caches[k].open(server.url))  # noqa: B023
+            except Exception as e:  # the test looks at it
+                out[k] = e  # noqa: B023
+
+        first = threading.Thread(target=open_, args=(0,))
+        first.start()
+        while not any(p.name.endswith(".tmp") for p in (tmp_path / f"c{stall}").iterdir()):
+            time.sleep(0.01)  # the first download has started
+        open_(1)
+        first.join()
+        server.close()
+        if not stall:
+            assert out == [8 << 14, 8 << 14] and server.gets["/shard.bin"] == 1, out
+        else:
+            assert all(isinstance(e, DataTimeoutError) and server.url in str(e) for e in out), out
