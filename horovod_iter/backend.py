@@ -211,6 +211,7 @@ class Backend(ABC):
         self._failure: str | None = None
         self._closed = False
         self._pending: list[AsyncHandle] = []  # issued, never waited (complete by themselves)
+        self._inflight: list[AsyncHandle] = []  # every collective issued, until it is done
 
     @property
     @abstractmethod
@@ -261,12 +262,18 @@ class Backend(ABC):
         (the ranks' collectives are out of step)."""
         self._guard(what)
         try:
-            return start()
+            handle = start()
         except Exception as e:
             failure = self.failed_with(what, e)
             if failure is e:
                 raise
             raise failure from e
+        # tracked until done; the ones waited for leave at once, the rest when polled
+        self._inflight = [h for h in self._inflight if not h._finished]
+        if len(self._inflight) >= 256:
+            self._inflight = [h for h in self._inflight if not h.done()]
+        self._inflight.append(handle)
+        return handle
 
     def failure_error(self, what: str, cause: BaseException) -> RankFailureError:
         """Our error for the backend's own exception ``cause`` (kept as ``__cause__``)."""
@@ -294,9 +301,12 @@ class Backend(ABC):
         self._pending.extend(handles)
 
     def pending(self) -> bool:
-        """True if a collective of ours is still in flight (never completed)."""
+        """True if a collective of ours is still in flight (never completed): adopted, or
+        held by a live iterator (a heartbeat to a host that froze, while the trainer's own
+        collective failed) - the exit path must not join a thread that waits on it."""
         self._prune()
-        return bool(self._pending)
+        self._inflight = [h for h in self._inflight if not h.done()]
+        return bool(self._pending or self._inflight)
 
     def _prune(self) -> None:
         """Collect the adopted collectives that completed (Horovod keeps a handle until it
@@ -375,6 +385,7 @@ class Backend(ABC):
         failure that caused the change is over."""
         self._failure = None
         self._pending = []
+        self._inflight = []
 
     def close(self) -> None:
         """Release what this backend created (process groups, Horovod if we initialised it);

@@ -149,6 +149,50 @@ def test_done_does_not_raise_and_wait_reports_the_failure() -> None:
     assert b.failed is not None
 
 
+# -- issue 22 row 2: the exit path and a message still in flight ------------------------------
+class _Never(AsyncHandle):
+    """A heartbeat to a host that froze: never completes."""
+
+    def _ready(self) -> bool:
+        return False
+
+    def _collect(self) -> Any:
+        raise AssertionError("never ready")
+
+
+class _Exits(LocalBackend):
+    """Records whether the exit path closed (joins gloo's threads) or abandoned the group."""
+
+    closed = abandoned = False
+    frozen = True
+
+    def _allreduce(self, tensor: torch.Tensor, op: str) -> AsyncHandle:
+        return _Never(self) if self.frozen else super()._allreduce(tensor, op)
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+    def abandon_at_exit(self) -> None:
+        self.abandoned = True
+        super().abandon_at_exit()
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_exit_never_closes_with_a_message_in_flight(monkeypatch: pytest.MonkeyPatch,
+                                                    frozen: bool) -> None:
+    """A live iterator holds a heartbeat in flight (not failed, not adopted) when the
+    trainer's own collective fails and the process ends: the group is abandoned, not closed."""
+    b = _Exits()
+    b.frozen = frozen
+    handle = b.allreduce_async(torch.tensor([1]), name="heartbeat")
+    monkeypatch.setattr(hb, "_backend", b)
+    monkeypatch.setattr(hb, "_provisional", False)
+    hb.shutdown()
+    assert (b.abandoned, b.closed) == (frozen, not frozen)
+    assert handle is not None and b.failed is None
+
+
 # -- issue 22 row 10: binding and our own init_process_group ----------------------------------
 @pytest.mark.parametrize("var", ["HOROVOD_ITER_NIC", "GLOO_SOCKET_IFNAME"])
 def test_a_bad_interface_is_our_error_naming_the_variable(
