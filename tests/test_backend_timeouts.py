@@ -7,6 +7,7 @@ port, or a chained local backend with injected faults); one real torchrun launch
 """
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from collections.abc import Iterator
@@ -147,6 +148,18 @@ def test_done_does_not_raise_and_wait_reports_the_failure() -> None:
     with pytest.raises(hi.RankFailureError):
         h.wait(1.0)
     assert b.failed is not None
+
+
+@pytest.mark.distributed
+def test_iterable_pad_without_a_limit_under_torchrun() -> None:
+    """The issue's case: iterable data, ``uneven="pad"`` (its padding template is an object
+    collective) and ``timeout=0`` (torch's "no limit")."""
+    cfg = json.dumps({"data": "iter", "lengths": [7, 3], "batch_size": 2, "uneven": "pad",
+                      "timeout": 0})
+    res = launch("torch", 2, "loader_run.py", cfg, timeout=120)
+    assert [r["error"] for r in res] == [None, None]
+    ids = sorted(i for r in res for b in r["batches"] for i in b)
+    assert len(ids) == 10 and len(set(ids)) == 10
 
 
 # -- issue 22 row 2: the exit path and a message still in flight ------------------------------
