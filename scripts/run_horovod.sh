@@ -14,7 +14,7 @@
 # Single node, 2 ranks:            scripts/run_horovod.sh scripts/train.py --epochs 3
 # Two nodes of 4 GPUs each:        scripts/run_horovod.sh -np 8 -H node1:4,node2:4 scripts/train.py
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+root=$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)   # -P: also through a link to scripts/
 py=${PYTHON:-$root/.venv/bin/python}
 np=${NP:-}
 hosts=${HOSTS:-}

@@ -16,7 +16,7 @@
 # Single node, 4 ranks:   scripts/run_torchrun.sh --nproc 4 scripts/train.py
 # Two nodes (on each):    scripts/run_torchrun.sh --nnodes 2 --nproc 8 --rdzv node1:29400 scripts/train.py
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+root=$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)   # -P: also through a link to scripts/
 py=${PYTHON:-$root/.venv/bin/python}
 nproc=${NPROC:-}
 nnodes=${NNODES:-1}

@@ -6,7 +6,8 @@
 
 An MLP regression on generated data. Every rank reads a disjoint slice of each epoch through
 horovod_iter.DistributedLoader (device prefetch when CUDA is there); gradients are averaged by
-Horovod's DistributedOptimizer (horovod backend) or DDP (torch backend). With --checkpoint, model,
+Horovod's DistributedOptimizer (horovod backend) or DDP (torch backend: the script creates torch's
+default process group, which DDP needs and hi.init() does not create). With --checkpoint, model,
 optimizer and loader state are saved every --checkpoint-every steps and at each epoch's end;
 --resume continues mid-epoch exactly where the checkpoint was taken (also on another number of
 ranks). After each epoch an exact evaluation pass (uneven="pad") counts every held-out sample

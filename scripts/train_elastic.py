@@ -1,7 +1,16 @@
 """Horovod elastic training through horovod_iter: ranks may leave and join mid-epoch.
 
-    horovodrun -np 2 --min-np 1 --max-np 4 --host-discovery-script ./discover_hosts.sh \\
-        python scripts/train_elastic.py --epochs 3
+On one machine (a discovery script that prints ``localhost:2``):
+
+    printf '#!/bin/sh\\necho localhost:2\\n' > discover_hosts.sh && chmod +x discover_hosts.sh
+    horovodrun -np 2 --min-np 1 --max-np 2 --network-interface lo \\
+        --host-discovery-script ./discover_hosts.sh python scripts/train_elastic.py --epochs 3
+
+``--network-interface`` is what makes one machine work: without it Horovod's elastic driver
+waits, silently and up to ``--elastic-timeout`` (600 s), for the discovery script to list two
+hosts to test the network between them. On several hosts the discovery script prints one
+``host:slots`` line per host and the same command takes the world's bounds, e.g. ``-np 8
+--min-np 4 --max-np 16`` (with ``--network-interface eth0`` it starts with fewer than two hosts).
 
 The loader goes into Horovod's own elastic state next to model and optimizer:
 
