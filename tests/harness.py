@@ -16,6 +16,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def slow(*values: Any) -> Any:
+    """A parametrize case that runs only with ``-m slow`` (or ``-m "slow or not slow"``):
+    launched tests beyond one per family and launcher, whose semantics are tested in-process
+    on the thread world (tests/test_inproc_*.py). pytest is imported here, not at the top:
+    the launched workers import this module too."""
+    import pytest
+
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 WORKERS = Path(__file__).resolve().parent / "workers"
 _OUT_ENV = "HOROVOD_ITER_TEST_OUT"
 LAUNCHERS = ("horovod", "torch")

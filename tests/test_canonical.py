@@ -248,6 +248,7 @@ FULL = 546 // 24 // 2 * 2  # full steps: 22 records a stream, 2 per step, 2 stre
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_real_launches_on_1_2_3_4_ranks_with_0_and_2_workers_give_the_same_global_batches(
         tmp_path):
     (tmp_path / "d").mkdir()

@@ -7,7 +7,8 @@ import time
 import pytest
 from harness import launch
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
+GENEROUS_S = 150.0  # the survivors end within the timeout plus this on any machine load
 LAUNCHERS = ["horovod", "torch"]
 
 
@@ -31,8 +32,8 @@ def test_killed_rank_makes_the_others_raise_within_the_timeout(launcher):
         assert r["error"] is not None and r["rank_failure"], r["error"]
         assert "rank" in r["error"] and "step" in r["error"]
         assert 5 <= len(r["batches"]) < 500  # it stopped soon after the kill, not at the end
-        # raised within the timeout (plus start-up and slack), not after a hang
-        assert r["t_end"] - t0 < 60 + timeout
+        # raised within the timeout (plus start-up and a generous margin), not after a hang
+        assert r["t_end"] - t0 < GENEROUS_S + timeout
 
 
 @pytest.mark.parametrize("before, after", [(3, 2), (2, 4)])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import launch
+from harness import launch, slow
 from torch.utils.data import IterableDataset, TensorDataset
 
 import horovod_iter as hi
@@ -26,6 +26,7 @@ def flat(batches):
 
 # ---- uneven iterables -----------------------------------------------------------------
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_stop_gives_equal_step_counts(launcher):
     lengths = [7, 12, 4]  # batch 2: 4, 6, 2 batches
@@ -35,8 +36,8 @@ def test_stop_gives_equal_step_counts(launcher):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("launcher, workers", [("horovod", 0), ("torch", 2), slow("horovod", 2),
+                                               slow("torch", 0)])
 def test_pad_rank_without_any_data_gets_well_formed_empty_batches(launcher, workers):
     """3 files over 4 ranks, the common evaluation case: the rank with no data learns the
     batch structure from the others (one collective at the first uneven step)."""
@@ -49,6 +50,7 @@ def test_pad_rank_without_any_data_gets_well_formed_empty_batches(launcher, work
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("data", ["map", "iter"])
 def test_even_batches_have_one_shape_everywhere_and_mark_the_copies(launcher, data):
@@ -68,6 +70,7 @@ def test_even_batches_have_one_shape_everywhere_and_mark_the_copies(launcher, da
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_pad_with_a_zero_dim_leaf(launcher):
     res = run(launcher, 2, data="iter", lengths=[2, 9], batch_size=2, uneven="pad",
@@ -77,6 +80,7 @@ def test_pad_with_a_zero_dim_leaf(launcher):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_short_epoch_stall_is_detected_by_every_rank(launcher):
     """50 steps per epoch, rank 1 asleep at step 3 for longer than the timeout: the others
@@ -91,22 +95,20 @@ def test_short_epoch_stall_is_detected_by_every_rank(launcher):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("data", ["map", "iter"])
 def test_one_rank_iterating_alone_is_refused_at_once(launcher, data):
-    import time
-
-    t0 = time.time()
     res = launch(launcher, 2, "loader_run.py", json.dumps(dict(
         data=data, n=400, lengths=[300, 300], batch_size=2, peek_rank=0, timeout=60)),
         timeout=120, expect_fail=None)
-    for r in res:
+    for r in res:  # at once: a ConfigMismatchError, not the DataTimeoutError of the timeout
         assert r is not None and r["mismatch_error"], r
         assert "iterate the loader on every rank" in r["error"]
-    assert time.time() - t0 < 50  # at once, not after the 60 s timeout
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_raising_iterable_names_rank_and_step(launcher, workers):
@@ -128,6 +130,7 @@ def test_loader_before_the_trainers_init_process_group(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_device_transform_runs_in_the_pipeline(launcher):
     res = run(launcher, 2, n=20, batch_size=3, device_transform="double")
@@ -135,6 +138,7 @@ def test_device_transform_runs_in_the_pipeline(launcher):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("mode", ["next", "get_next", "optional"])
 def test_pad_iterable_exact(launcher, mode):
@@ -150,6 +154,7 @@ def test_pad_iterable_exact(launcher, mode):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_error_raises_on_every_rank(launcher):
     res = run(launcher, 2, data="iter", lengths=[6, 9], batch_size=3, uneven="error")
@@ -161,8 +166,8 @@ def test_error_raises_on_every_rank(launcher):
 
 # ---- map-style ------------------------------------------------------------------------
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("launcher, workers", [("horovod", 0), ("torch", 2), slow("horovod", 2),
+                                               slow("torch", 0)])
 def test_map_pad_is_exact(launcher, workers):
     res = run(launcher, 3, n=23, batch_size=4, uneven="pad", workers=workers)
     assert [r["error"] for r in res] == [None] * 3
@@ -173,6 +178,7 @@ def test_map_pad_is_exact(launcher, workers):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_map_error_raises_on_every_rank_when_counts_differ(launcher):
     res = run(launcher, 3, n=23, batch_size=4, uneven="error")
@@ -185,6 +191,7 @@ def test_map_error_raises_on_every_rank_when_counts_differ(launcher):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_map_stop_pads_like_torch_and_covers(launcher):
     res = run(launcher, 3, n=23, global_batch_size=6, uneven="stop")
@@ -194,6 +201,7 @@ def test_map_stop_pads_like_torch_and_covers(launcher):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("prefetch, workers", [(0, 0), (3, 0), (2, 2)])
 def test_mid_epoch_resume_equals_uninterrupted(launcher, prefetch, workers, tmp_path):
@@ -222,6 +230,7 @@ def test_resume_across_backends_and_world_sizes(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_mismatched_configuration_refused_on_every_rank(launcher):
     res = run(launcher, 2, n=40, batch_size=4, batch_size_by_rank={"1": 5})
@@ -407,6 +416,7 @@ def test_global_batch_k_holds_the_same_samples_on_any_world(uneven):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_global_batches_are_the_same_on_2_and_3_ranks_of_a_real_launch():
     """The same through the loader under torchrun: global_batch_size=6 over 2 and 3 ranks
     (and 2 workers on one of them) gives the same sample set at every step."""

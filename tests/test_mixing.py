@@ -74,6 +74,7 @@ def test_the_loader_follows_the_epoch_and_reports_the_realised_mix():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_mixed_epochs_exactly_once_across_a_resume_on_another_world(tmp_path):
     """2 ranks save after 4 steps of epoch 0 (global batch 12), 3 ranks resume and finish
     epochs 0 and 1: every position of each mixed epoch once, the sources in proportion."""

@@ -282,6 +282,7 @@ def test_seed_none_adopts_saved_seed():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
 @pytest.mark.parametrize("seed", ["none", "11"])
 def test_ranks_agree_without_communicating(launcher, seed):

@@ -256,6 +256,7 @@ def test_grid_single_process_with_workers(workers):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_grid_under_launchers_equals_torch(launcher, world):
@@ -266,6 +267,7 @@ def test_grid_under_launchers_equals_torch(launcher, world):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
 def test_grid_under_launchers_with_workers(launcher):
     grid = _grid([5, 23], [2])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import launch
+from harness import launch, slow
 
 import horovod_iter as hi
 
@@ -39,10 +39,13 @@ LAYOUTS = {"few": [7, 5], "many": [3, 9, 0, 4, 11, 6, 2, 8, 5, 1, 7, 3], "empty"
            "huge": [1, 400, 2, 3]}
 
 
+DEFAULT_CASES = [("horovod", 0, "many"), ("torch", 2, "many")]  # the rest: -m slow
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher", ["horovod", "torch"])
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("launcher, workers, layout", DEFAULT_CASES + [
+    slow(launcher, workers, layout) for layout in LAYOUTS for workers in (0, 2)
+    for launcher in ("horovod", "torch") if (launcher, workers, layout) not in DEFAULT_CASES])
 def test_every_record_exactly_once_and_a_new_order_each_epoch(launcher, workers, layout,
                                                               tmp_path):
     total = write_shards(tmp_path, LAYOUTS[layout])
@@ -58,6 +61,7 @@ def test_every_record_exactly_once_and_a_new_order_each_epoch(launcher, workers,
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("world, workers, sizes", [(2, 2, [7, 5]), (2, 0, [12]), (3, 0, [7, 5])])
 def test_fewer_shards_than_ranks_under_stop_is_refused_on_every_rank(world, workers, sizes,
                                                                      tmp_path):
@@ -74,6 +78,7 @@ def test_fewer_shards_than_ranks_under_stop_is_refused_on_every_rank(world, work
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_stop_that_leaves_a_ranks_data_unread_warns(tmp_path):
     """uneven='stop' over shards of 40 and 4 records: the pass ends after 2 steps, and the
     rank with 38 records left says so (a warning naming uneven='pad'), the other does not."""
@@ -88,8 +93,8 @@ def test_stop_that_leaves_a_ranks_data_unread_warns(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("before, after", [
     (("horovod", 3, 0), ("torch", 2, 2)),
-    (("torch", 2, 2), ("horovod", 4, 0)),
-    (("horovod", 2, 1), ("horovod", 2, 1)),
+    slow(("torch", 2, 2), ("horovod", 4, 0)),
+    slow(("horovod", 2, 1), ("horovod", 2, 1)),
 ])
 def test_checkpoint_mid_epoch_resumes_on_another_world_exactly_once(before, after, tmp_path):
     total = write_shards(tmp_path, LAYOUTS["many"])
@@ -107,6 +112,7 @@ def test_checkpoint_mid_epoch_resumes_on_another_world_exactly_once(before, afte
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
 def test_ranks_with_different_shard_lists_are_refused_on_every_rank(launcher, tmp_path):
     write_shards(tmp_path, [4] * 6)
@@ -117,6 +123,7 @@ def test_ranks_with_different_shard_lists_are_refused_on_every_rank(launcher, tm
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
 def test_state_dict_on_rank_0_alone_is_an_error_not_a_hang(launcher, tmp_path):
     write_shards(tmp_path, [9] * 8)
@@ -129,6 +136,7 @@ def test_state_dict_on_rank_0_alone_is_an_error_not_a_hang(launcher, tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
 def test_a_read_that_raises_names_the_shard_and_the_rank(launcher, tmp_path):
     write_shards(tmp_path, [4] * 6)
@@ -139,6 +147,7 @@ def test_a_read_that_raises_names_the_shard_and_the_rank(launcher, tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovod", "torch"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stateful_iterable_resumes_without_replay(launcher, workers, tmp_path):
@@ -388,6 +397,7 @@ def test_hugging_face_datasets_through_the_loader():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_len_is_the_steps_every_rank_takes_together(tmp_path, workers):
     """ShardedDataset(sizes=...) with uneven="pad": len(loader) is the same on every rank and
