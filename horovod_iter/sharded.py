@@ -307,6 +307,7 @@ class ShardedDataset(IterableDataset[Any]):
         if self._cache is None:
             self._cache = ShardCache(self.cache_dir, self.cache_limit, self.storage_options,
                                      timeout=self.timeout)
+        self._cache.timeout = self.timeout  # as set now (a loader may pass its own down)
         return self._cache
 
     def __getstate__(self) -> dict[str, Any]:

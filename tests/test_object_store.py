@@ -106,24 +106,27 @@ def all_ids(res, epoch=0):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_s3_shards_exactly_once_within_a_bounded_shared_cache(s3, tmp_path, workers):
     """A cache of 4 of the largest shards for 2 ranks x workers on one host: every record
     once in both epochs, and the cache never held more than its limit plus the shards being
     downloaded at that moment by the other consumers (one each at most)."""
     endpoint = s3.endpoint
     limit = 4 * max(SIZES) * LINE
+    gets = s3.requests.total("data/")
     res = run(2, tmp_path, endpoint, limit=limit, workers=workers, epochs=[0, 1])
+    gets = s3.requests.total("data/") - gets
     assert [r["error"] for r in res] == [None, None]
     for e in (0, 1):
         assert all_ids(res, e) == list(range(sum(SIZES)))
     consumers = 2 * max(1, workers)
     held = max(r["cache_max"] for r in res)
     assert held <= limit + (consumers - 1) * max(SIZES) * LINE, (held, limit)
-    print(f"cache limit {limit} B, most held {held} B")
+    print(f"cache limit {limit} B, most held {held} B; {gets} GETs for 2 x 12 shard reads")
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_s3_mid_epoch_resume_on_another_world(s3, tmp_path):
     endpoint = s3.endpoint
     state = tmp_path / "state.json"
@@ -134,6 +137,7 @@ def test_s3_mid_epoch_resume_on_another_world(s3, tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_a_deleted_shard_is_reported_on_every_rank_naming_its_url(s3, tmp_path):
     endpoint, client = s3.endpoint, s3.client
     client.delete_object(Bucket="data", Key="train/s004.jsonl")
@@ -194,6 +198,7 @@ def test_transient_errors_are_retried_with_backoff_and_then_reported(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_s3_shards_under_the_canonical_layout_resume_from_rank_0s_count(s3, tmp_path):
     """Elastic determinism over S3: 2 ranks x 2 workers read the canonical layout (shards
     split between streams, read with the cache), rank 0 alone saves the position (a count),
