@@ -12,24 +12,31 @@ own batch count (``None`` when unknown) and ``close()``:
 * **iterable data**: a torch DataLoader over the ``IterableDataset`` (its workers, collate and
   ``worker_init_fn`` as users know them); a failure names the rank and the step.
 
-``shard`` splits a plain iterable by rank and DataLoader worker.
+`split_stream` splits one plain stream by rank and DataLoader worker (``shard`` is its
+deprecated old name).
 """
 from __future__ import annotations
 
 import collections
 import ctypes
 import itertools
+import multiprocessing
+import os
 import signal
 import sys
+import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import _utils as torch_data_utils
 from torch.utils.data._utils.collate import default_collate
 
+from ._deprecation import warn_deprecated
 from ._tree import ErrorBox
 from .backend import get_backend
 from .errors import DataTimeoutError, SampleError, ShardingError
@@ -37,32 +44,33 @@ from .gather import BatchFetcher
 from .plan import EpochPlan, steps_for
 
 __all__ = ["FetchOptions", "HostSource", "host_batches", "is_stateful", "plan_batches",
-           "shard"]
+           "shard", "split_stream"]
 
 
-def shard(iterable: Iterable[Any], rank: int | None = None,
-          num_replicas: int | None = None) -> Iterator[Any]:
-    """Yield this rank's (and this DataLoader worker's) share of ``iterable``: element ``i``
-    goes to the consumer ``i mod (W * workers)``. Every consumer reads the whole stream; for
-    sharded files use `ShardedDataset`, which reads each file once.
+def split_stream(iterable: Iterable[Any], rank: int | None = None,
+                 num_replicas: int | None = None) -> Iterator[Any]:
+    """Yield this rank's (and this DataLoader worker's) share of one stream: element ``i``
+    goes to the consumer ``i mod (W * workers)``. Every consumer reads the whole stream and
+    keeps its share, so it suits a stream that cannot be split otherwise; for data in many
+    files use `ShardedDataset`, which reads each file once over the world.
 
     Use it inside an ``IterableDataset``::
 
         class Lines(IterableDataset):
             def __iter__(self):
-                return horovod_iter.shard(open(path))
+                return horovod_iter.split_stream(open(path))
 
     ``rank``/``num_replicas`` default to the backend's; the worker split comes from
     ``torch.utils.data.get_worker_info()``.
     """
     if type(iterable).__module__.split(".")[0] == "webdataset":
         raise ShardingError(
-            f"horovod_iter.shard() over a WebDataset pipeline ({type(iterable).__name__}): "
-            "WebDataset splits its shards by node and DataLoader worker itself, and shard() "
-            "would split its samples again, losing most of the data. Use "
-            "horovod_iter.ShardedDataset(urls, horovod_iter.integrations.webdataset.reader("
-            "...)) (each shard read once, resumable on any world), or WebDataset's own "
-            "splitting without shard()")
+            f"horovod_iter.split_stream() over a WebDataset pipeline "
+            f"({type(iterable).__name__}): WebDataset splits its shards by node and DataLoader "
+            "worker itself, and split_stream() would split its samples again, losing most of "
+            "the data. Use horovod_iter.ShardedDataset(urls, "
+            "horovod_iter.integrations.webdataset.reader(...)) (each shard read once, "
+            "resumable on any world), or WebDataset's own splitting without split_stream()")
     if rank is None or num_replicas is None:
         b = get_backend()
         rank = b.rank if rank is None else rank
@@ -74,6 +82,14 @@ def shard(iterable: Iterable[Any], rank: int | None = None,
     workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
     stride, offset = num_replicas * workers, rank * workers + worker
     return itertools.islice(iterable, offset, None, stride)
+
+
+def shard(iterable: Iterable[Any], rank: int | None = None,
+          num_replicas: int | None = None) -> Iterator[Any]:
+    """Deprecated name of `split_stream` (it never sharded: every consumer reads the whole
+    stream); removed in horovod_iter 0.4."""
+    warn_deprecated("horovod_iter.shard()", "horovod_iter.split_stream(), the same function")
+    return split_stream(iterable, rank, num_replicas)
 
 
 @dataclass(frozen=True)
@@ -250,18 +266,37 @@ class _IterableBatches(IterableDataset[Any]):
 class _WorkerSource(HostSource):
     """A torch DataLoader (with or without workers); ``close()`` stops its workers. A failure
     names the rank and the step (map-style failures come back as values, with their own
-    message); iterable batches arrive with their consumer's position."""
+    message); iterable batches arrive with their consumer's position.
+
+    A worker that dies (killed, OOM-killed, crashed) is this rank's `SampleError` naming the
+    worker, at its next batch (`_WorkerWatch`); on a timeout or a death the workers are killed
+    at once (`_stop_now`) instead of being joined for 5 s each."""
 
     def __init__(self, dl: DataLoader[Any], count: int | None, rank: int, skip: int = 0,
                  tagged: bool = False) -> None:
         self._persistent = dl.persistent_workers
         self._timeout = dl.timeout
-        self._it: Any = iter(dl)
         self.num_batches = count
         self._rank = rank
         self._step = 0
         self._tagged = tagged
         self.positions = collections.deque() if tagged else None
+        # persistent workers: the loader keeps them between passes; one that died since the
+        # last pass is this pass's error, and the next pass starts new workers
+        self._loader = dl if self._persistent else None
+        self._watch: _WorkerWatch | None = None
+        self._it: Any = getattr(dl, "_iterator", None) if self._persistent else None
+        death = _death_of(self._it) if self._it is not None else None
+        if death is not None:
+            raise self._fail(_WorkerDied(), death)
+        try:
+            self._it = iter(dl)
+        except RuntimeError as e:  # persistent workers' restart: a dead or stuck worker
+            if not _from_workers(e):
+                raise
+            self._it = getattr(dl, "_iterator", None)
+            raise self._fail(e, _death_of(self._it)) from e
+        self._watch = _WorkerWatch.of(self._it)
         for _ in range(skip):  # an iterable without state cannot seek: replay (O(steps))
             if next(self, None) is None:
                 break
@@ -272,14 +307,22 @@ class _WorkerSource(HostSource):
     def __next__(self) -> Any:
         if self._it is None:
             raise StopIteration
+        watch = self._watch
+        if watch is not None and watch.death is not None:  # died while the trainer stepped
+            raise self._fail(_WorkerDied(), watch.death)
         try:
-            batch = next(self._it)
+            if watch is not None:  # a death now wakes this wait (`_on_sigchld`)
+                watch.waiting = threading.get_ident()
+            try:
+                batch = next(self._it)
+            finally:
+                if watch is not None:
+                    watch.waiting = None
         except StopIteration:
             self.close()
             raise
         except Exception as e:
-            self.close()
-            raise self._error(e) from e
+            raise self._fail(e, _death_of(self._it)) from e
         if isinstance(batch, ErrorBox):
             self.close()
             batch.reraise()
@@ -289,27 +332,248 @@ class _WorkerSource(HostSource):
             self.positions.append(position)  # type: ignore[union-attr]
         return batch
 
-    def _error(self, e: Exception) -> Exception:
+    def _fail(self, e: Exception, death: _Death | None) -> Exception:
+        """Our error for ``e`` (or for the worker's ``death``), the workers stopped: at once
+        (killed) when one died or timed out, as torch does otherwise."""
+        error = self._error(e, death)
+        if death is not None or isinstance(error, DataTimeoutError):
+            it, self._it = self._it, None
+            _stop_now(it)
+            if self._loader is not None and getattr(self._loader, "_iterator", None) is it:
+                self._loader._iterator = None  # the next pass starts new workers
+        else:
+            self.close()
+        return error
+
+    def _error(self, e: Exception, death: _Death | None = None) -> Exception:
         """Our error for what came out of torch's DataLoader at this step."""
         text = str(e)
         where = f"rank {self._rank}, step {self._step} of this pass"
+        if death is not None:
+            return SampleError(f"{where}: {death.describe()}")
         if isinstance(e, RuntimeError) and "DataLoader timed out" in text:
             return DataTimeoutError(
                 f"{where}: no batch from this rank's DataLoader workers within "
                 f"{self._timeout} s (the loader's timeout): a worker is stuck in the dataset's "
                 "code or deadlocked (e.g. at fork, by a lock another thread held); test with "
                 "num_workers=0, or raise `timeout` if a batch is just slow")
-        if isinstance(e, RuntimeError) and "DataLoader worker" in text and (
-                "exited unexpectedly" in text or "killed by signal" in text):
+        if isinstance(e, _WorkerDied) or _from_workers(e):
             return SampleError(f"{where}: a DataLoader worker of this rank died: {text}")
         return SampleError(f"{where}: the dataset raised: {type(e).__name__}: {e}")
 
     def close(self) -> None:
         it, self._it = self._it, None
+        if it is None:
+            return
+        if _death_of(it) is not None:  # a dead worker may hold a lock torch's shutdown takes
+            _stop_now(it)
+            if self._loader is not None and getattr(self._loader, "_iterator", None) is it:
+                self._loader._iterator = None
+            return
+        if self._persistent:  # the loader's to stop
+            return
         shutdown = getattr(it, "_shutdown_workers", None)
-        if callable(shutdown) and not self._persistent:  # persistent: the loader's to stop
+        if callable(shutdown):
             shutdown()
+        _WorkerWatch.forget(it)
 
+
+# -- DataLoader worker processes: a death is our error, a stop on an error path is at once --
+
+def _from_workers(e: BaseException) -> bool:
+    """Whether ``e`` is torch's error for a dead DataLoader worker."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and "DataLoader worker" in text and (
+        "exited unexpectedly" in text or "killed by signal" in text)
+
+
+class _WorkerDied(Exception):
+    """Raised by `_on_sigchld` into a wait for a batch whose worker died, to end the wait."""
+
+
+@dataclass(frozen=True)
+class _Death:
+    """A DataLoader worker that ended on its own: by a signal (``code < 0``) or an exit
+    status (``code > 0``), as ``multiprocessing.Process.exitcode`` says."""
+
+    worker: int
+    pid: int
+    code: int
+
+    def describe(self) -> str:
+        who = f"DataLoader worker {self.worker} (pid {self.pid}) of this rank"
+        if self.code > 0:
+            return (f"{who} exited with status {self.code} (native code crashed, or the "
+                    "dataset called exit); the batches it held are lost. Run with "
+                    "num_workers=0 to see the dataset's own error")
+        try:
+            name = signal.Signals(-self.code).name
+        except ValueError:
+            name = str(-self.code)
+        why = {"SIGKILL": "the kernel's out-of-memory killer sends it when the host runs out of "
+                          "memory (see `dmesg`; lower num_workers, prefetch_factor or the "
+                          "batch size), or something killed the worker",
+               "SIGBUS": "usually shared memory (/dev/shm) is too small for the batches: "
+                         "enlarge it (docker: --shm-size)",
+               "SIGSEGV": "native code crashed in the dataset or collate_fn; run with "
+                          "num_workers=0 to see where"}.get(name, "something signalled it")
+        return (f"{who} was killed by signal {name}: {why}. The batches it held are lost")
+
+
+def _death_of(it: Any) -> _Death | None:
+    """The first worker of torch DataLoader iterator ``it`` that ended on its own (a recorded
+    death first: the process may be reaped and its pid reused by now)."""
+    watch = _WorkerWatch.get(it)
+    if watch is not None and watch.death is not None:
+        return watch.death
+    if getattr(it, "_shutdown", True):  # no workers, or stopped by us or torch
+        return None
+    for worker, w in enumerate(getattr(it, "_workers", ())):
+        code = w.exitcode  # reaps through multiprocessing, which keeps the status
+        if code:  # None: running; 0: ended as asked (an iterable worker's data was done)
+            return _Death(worker, w.pid, code)
+    return None
+
+
+class _WorkerWatch:
+    """Watches the workers of one torch DataLoader iterator for a death (a kill, the OOM
+    killer, a crash), from our SIGCHLD handler, so that a death is this rank's `SampleError`.
+
+    torch's own SIGCHLD handler raises its ``RuntimeError`` wherever the main thread happens to
+    be, nearly always inside the trainer's step. Ours records the death and takes the
+    worker's pids from torch's handler; it raises only into a wait for a batch of this
+    iterator in the same thread (``waiting``), and otherwise the next batch raises. Persistent
+    workers keep their watch between passes."""
+
+    _all: ClassVar[dict[int, _WorkerWatch]] = {}
+
+    def __init__(self, it: Any) -> None:
+        self.iterator = weakref.ref(it)
+        self.workers = list(it._workers)
+        self.owner = os.getpid()
+        self.death: _Death | None = None
+        #: the thread waiting for a batch of this iterator, if any
+        self.waiting: int | None = None
+
+    @classmethod
+    def of(cls, it: Any) -> _WorkerWatch | None:
+        """The watch of ``it`` (made and registered on first use); None without workers."""
+        if not getattr(it, "_workers", None):
+            return None
+        watch = cls.get(it)
+        if watch is None:
+            for key, other in list(cls._all.items()):  # iterators gone since
+                if other.iterator() is None:
+                    cls._all.pop(key, None)
+            watch = cls._all[id(it)] = cls(it)
+        _install_sigchld()
+        return watch
+
+    @classmethod
+    def get(cls, it: Any) -> _WorkerWatch | None:
+        watch = cls._all.get(id(it))
+        return watch if watch is not None and watch.iterator() is it else None
+
+    @classmethod
+    def forget(cls, it: Any) -> None:
+        if cls.get(it) is not None:
+            cls._all.pop(id(it), None)
+
+    def check(self) -> bool:
+        """Record a death of one of the workers; True if a wait of this thread must end."""
+        it = self.iterator()
+        if it is None or self.owner != os.getpid() or getattr(it, "_shutdown", True):
+            return False
+        if self.death is None:
+            self.death = _death_of(it)
+            if self.death is None:
+                return False
+            _forget_pids(it)  # torch's handler would raise it in the trainer's step
+        return self.waiting == threading.get_ident()
+
+
+def _forget_pids(it: Any) -> None:
+    """Take ``it``'s workers out of torch's SIGCHLD handler, which raises for any of them that
+    died: ours reports it (and ``_stop_now``'s kills are no failure)."""
+    if getattr(it, "_worker_pids_set", False):
+        torch_data_utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+
+
+_previous_sigchld: Any = None
+_in_sigchld = False
+
+
+def _on_sigchld(signum: int, frame: Any) -> None:
+    """SIGCHLD: record our workers' deaths, then torch's handler for any other loader."""
+    global _in_sigchld
+    if _in_sigchld:  # a handler of someone else's that calls ours back
+        return
+    _in_sigchld = True
+    try:
+        wake = False
+        for watch in list(_WorkerWatch._all.values()):
+            wake = watch.check() or wake
+        if callable(_previous_sigchld):
+            _previous_sigchld(signum, frame)
+    finally:
+        _in_sigchld = False
+    if wake:
+        raise _WorkerDied("a DataLoader worker of this rank died")
+
+
+def _install_sigchld() -> None:
+    """Put `_on_sigchld` in front of torch's handler (Python runs signal handlers in the main
+    thread only, and only it may set them)."""
+    global _previous_sigchld
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGCHLD)
+    if current is _on_sigchld:
+        return
+    _previous_sigchld = current if callable(current) else None
+    signal.signal(signal.SIGCHLD, _on_sigchld)
+
+
+class _Done:
+    """Stands in for a torch DataLoader iterator's shared "workers done" event once its workers
+    are killed: one may have died holding the event's lock, on which torch's shutdown would
+    then block for ever."""
+
+    def set(self) -> None:
+        """Nothing is left to tell."""
+
+    def is_set(self) -> bool:
+        return True
+
+
+def _stop_now(it: Any) -> None:
+    """Stop torch DataLoader iterator ``it``'s workers at once, on an error path: kill them,
+    then torch's own shutdown (queues, pin-memory thread) over dead processes. torch joins
+    each live worker for 5 s before it terminates it: a stuck worker would delay our error."""
+    _WorkerWatch.forget(it)
+    workers = list(getattr(it, "_workers", ()))
+    if not workers or getattr(it, "_shutdown", True):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        return
+    _forget_pids(it)
+    pin = getattr(it, "_pin_memory_thread", None)
+    if pin is not None:  # before the kills: a worker killed in a write would block its wake-up
+        it._pin_memory_thread_done_event.set()
+        it._worker_result_queue.put((None, None))
+        pin.join(timeout=torch_data_utils.MP_STATUS_CHECK_INTERVAL)
+    for w in workers:
+        if w.exitcode is None:
+            w.kill()
+    for w in workers:
+        w.join(timeout=torch_data_utils.MP_STATUS_CHECK_INTERVAL)
+    it._workers_done_event = _Done()
+    it._shutdown_workers()
+
+
+# -- DataLoader worker processes: they die with their rank ------------------------------------
 
 _PR_SET_PDEATHSIG = 1
 
@@ -331,16 +595,43 @@ _prctl = _find_prctl()
 class _WorkerInit:
     """Runs first in each DataLoader worker of ours: the worker dies with its rank (Linux's
     parent-death signal), so a rank killed or ended by its launcher leaves no worker behind
-    to hold the launcher's output open; then the user's ``worker_init_fn``."""
+    to hold the launcher's output open; then the user's ``worker_init_fn``.
 
-    def __init__(self, user: Callable[[int], None] | None) -> None:
+    The signal is armed after the fork: a rank that died before that is never signalled. So a
+    worker whose parent is no longer ``parent`` (the rank's pid, recorded before the fork) by
+    then exits at once; and again after the user's ``worker_init_fn``, after which torch's
+    watchdog takes the parent it sees as the one to outlive (right where ``prctl`` is
+    missing). ``parent`` is None where the rank is not the workers' parent (a forkserver):
+    nothing to compare."""
+
+    def __init__(self, user: Callable[[int], None] | None, parent: int | None = None) -> None:
         self.user = user
+        self.parent = parent
 
     def __call__(self, worker_id: int) -> None:
         if _prctl is not None:
             _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        self._exit_if_orphaned()
         if self.user is not None:
             self.user(worker_id)
+            self._exit_if_orphaned()
+
+    def _exit_if_orphaned(self) -> None:
+        if self.parent is not None and os.getppid() != self.parent:
+            os._exit(1)  # nobody is left to report to
+
+
+def _direct_parent(context: Any) -> int | None:
+    """This process's pid if DataLoader workers started with ``context`` are its children
+    ('fork', 'spawn'); None when a forkserver starts them."""
+    if context is None:
+        method = (multiprocessing.get_start_method(allow_none=True)
+                  or multiprocessing.get_all_start_methods()[0])  # the default, as documented
+    elif isinstance(context, str):
+        method = context
+    else:
+        method = context.get_start_method()
+    return os.getpid() if method in ("fork", "spawn") else None
 
 
 def _loader_kwargs(opts: FetchOptions) -> dict[str, Any]:
@@ -351,8 +642,9 @@ def _loader_kwargs(opts: FetchOptions) -> dict[str, Any]:
         extra = dict(multiprocessing_context=opts.multiprocessing_context,
                      prefetch_factor=opts.prefetch_factor, in_order=opts.in_order)
     return dict(num_workers=workers, pin_memory=opts.pin,
-                worker_init_fn=_WorkerInit(opts.worker_init_fn) if workers else
-                opts.worker_init_fn, generator=opts.generator,
+                worker_init_fn=_WorkerInit(opts.worker_init_fn,
+                                           _direct_parent(opts.multiprocessing_context))
+                if workers else opts.worker_init_fn, generator=opts.generator,
                 timeout=float(opts.timeout) if workers and opts.timeout else 0, **extra)
 
 
