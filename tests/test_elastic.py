@@ -93,6 +93,7 @@ def test_rank_killed_mid_epoch_rolls_back_to_the_commit_every_sample_once(tmp_pa
     _assert_exactly_once(records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["map", "sharded"])
 def test_worker_removed_mid_epoch_and_added_later_every_sample_once_per_epoch(tmp_path, data):
     """3 -> 2 -> 3 ranks mid-epoch; map-style data, or hi.ShardedDataset over 16 shards

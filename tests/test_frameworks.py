@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from harness import launch
+from harness import launch, slow
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
 N, VAL = 96, 22
@@ -24,7 +24,7 @@ def exactly_once_per_epoch(res, n=N, epochs=("0", "1")):
         assert ids == list(range(n)), f"epoch {e}: {len(ids)} ids, {len(set(ids))} distinct"
 
 
-@pytest.mark.parametrize("case", ["sampler", "loader", "prebuilt"])
+@pytest.mark.parametrize("case", [slow("sampler"), "loader", slow("prebuilt")])
 def test_lightning_ddp_trains_every_sample_once_per_epoch(case):
     """Our sampler in a DataLoader (Lightning leaves it alone: it is a torch
     DistributedSampler), our loader from train_dataloader(), and our loader built before
@@ -39,6 +39,7 @@ def test_lightning_ddp_trains_every_sample_once_per_epoch(case):
         assert val == sorted(list(range(VAL)) * 2)  # two epochs, one validation each
 
 
+@pytest.mark.slow
 def test_lightning_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     """ModelCheckpoint every 7 steps, the run stops after the checkpoint; fit(ckpt_path=)
     resumes the epoch through Lightning's stateful dataloader checkpointing."""
@@ -55,6 +56,7 @@ def test_lightning_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     exactly_once_per_epoch(second, epochs=("1",))
 
 
+@pytest.mark.slow
 def test_lightning_mid_epoch_checkpoint_of_data_without_len_is_exact(tmp_path):
     """A ShardedDataset without sizes has no len(): Lightning fetches one batch ahead of the
     training step, and the loader's state leaves out the batch Lightning holds."""
@@ -86,6 +88,7 @@ def test_hf_trainer_trains_every_sample_once_and_evaluates(tmp_path):
     assert all(r["eval_loss"] is not None for r in res)
 
 
+@pytest.mark.slow
 def test_hf_trainer_evaluate_with_an_even_batches_pad_loader_is_exact(tmp_path):
     """Trainer.evaluate() over uneven="pad" + even_batches=True + mask_labels(): 17 samples
     on 2 ranks (one rank's last batch all copies): no gather error, compute_metrics sees 17
@@ -97,6 +100,7 @@ def test_hf_trainer_evaluate_with_an_even_batches_pad_loader_is_exact(tmp_path):
         assert r["eval_count"] == 17 and math.isfinite(r["eval_loss"]), r
 
 
+@pytest.mark.slow
 def test_hf_trainer_resume_from_checkpoint_is_exactly_once(tmp_path):
     """save_steps=5, stopped at step 11 (epoch 1, step 3); resume_from_checkpoint=True
     continues from step 10: HF re-batches the rest of epoch 1 from loader.batch_sampler
@@ -129,6 +133,7 @@ def test_accelerate_save_state_load_state_resumes_exactly(tmp_path):
     exactly_once_per_epoch(second, n=64, epochs=("1",))
 
 
+@pytest.mark.slow
 def test_pad_evaluation_gathers_every_sample_once_with_gather_rows(tmp_path):
     """uneven="pad" over 17 samples on 2 ranks: one rank's last batch is empty (which
     accelerate's gather_for_metrics cannot take); hi.gather_rows gathers every output once."""
@@ -139,6 +144,7 @@ def test_pad_evaluation_gathers_every_sample_once_with_gather_rows(tmp_path):
         assert sorted(r["gathered"]) == list(range(17)) and r["preds_match"]
 
 
+@pytest.mark.slow
 def test_even_batches_evaluation_works_with_gather_for_metrics(tmp_path):
     """even_batches=True: every batch 4 rows on both ranks (the empty and short ones filled
     with flagged copies), so accelerate's gather_for_metrics takes them; dropping the flagged
@@ -150,6 +156,7 @@ def test_even_batches_evaluation_works_with_gather_for_metrics(tmp_path):
         assert sorted(r["gathered"]) == list(range(17)) and r["preds_match"]
 
 
+@pytest.mark.slow
 def test_accelerate_prepare_of_a_dataloader_with_our_sampler_is_refused(tmp_path):
     res = accel("prepare_dataloader", str(tmp_path))
     for r in res:
@@ -183,6 +190,7 @@ def formats(launcher, nproc, **cfg):
     return launch(launcher, nproc, "formats_run.py", json.dumps(cfg), timeout=200)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, workers", [("torch", 0), ("torch", 2), ("horovod", 2)])
 def test_webdataset_tar_shards_exactly_once_and_resumed_on_another_world(tmp_path, launcher,
                                                                           workers):
@@ -203,6 +211,7 @@ def test_webdataset_tar_shards_exactly_once_and_resumed_on_another_world(tmp_pat
     assert 0 < len(done) <= 2 * 3 * 4 and sorted(done + more) == list(range(total))
 
 
+@pytest.mark.slow
 def test_shard_over_a_splitting_webdataset_pipeline_is_refused(tmp_path):
     write_tars(tmp_path, [5, 5])
     res = formats("torch", 2, kind="wds_shard", dir=str(tmp_path), batch_size=2)
@@ -210,6 +219,7 @@ def test_shard_over_a_splitting_webdataset_pipeline_is_refused(tmp_path):
         assert r["type"] == "ShardingError" and "WebDataset" in r["error"], r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_hf_datasets_with_format_torch_exactly_once_and_resumed(tmp_path, workers):
     pytest.importorskip("datasets")

@@ -41,6 +41,7 @@ def _check_exact_cover(res: list[dict], n: int) -> None:
 CFG = json.dumps({"n": 101, "batch_size": 4, "uneven": "pad", "timeout": 60})
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_on_one_machine_cover_the_data_disjointly():
     """Two torchrun launchers (--nnodes 2, c10d rendezvous on 127.0.0.1), 2 ranks each."""
     port = _free_port()
@@ -83,6 +84,7 @@ def test_run_horovod_script_single_node():
     _check_exact_cover(res, 101)
 
 
+@pytest.mark.slow
 def test_run_horovod_script_two_hosts_without_ssh():
     """horovodrun runs hosts named localhost and 127.0.0.1 locally, no ssh: a real two-host
     job on one machine (one rank per host: local_size 1)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from harness import ROOT, command, run
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.mark.parametrize("launcher", ["torch", "local"])
