@@ -113,14 +113,16 @@ def test_s3_shards_exactly_once_within_a_bounded_shared_cache(s3, tmp_path, work
     downloaded at that moment by the other consumers (one each at most)."""
     endpoint = s3.endpoint
     limit = 4 * max(SIZES) * LINE
+    gets = s3.requests.total("data/")
     res = run(2, tmp_path, endpoint, limit=limit, workers=workers, epochs=[0, 1])
+    gets = s3.requests.total("data/") - gets
     assert [r["error"] for r in res] == [None, None]
     for e in (0, 1):
         assert all_ids(res, e) == list(range(sum(SIZES)))
     consumers = 2 * max(1, workers)
     held = max(r["cache_max"] for r in res)
     assert held <= limit + (consumers - 1) * max(SIZES) * LINE, (held, limit)
-    print(f"cache limit {limit} B, most held {held} B")
+    print(f"cache limit {limit} B, most held {held} B; {gets} GETs for 2 x 12 shard reads")
 
 
 @pytest.mark.distributed
