@@ -101,3 +101,18 @@ def test_async_wait_times_out_instead_of_hanging() -> None:
     err = res[0]
     assert isinstance(err, hi.DataTimeoutError)
     assert "rank 0 of 2" in str(err) and "the test op" in str(err) and "0.3 s" in str(err)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pad_evaluation_gathers_every_sample_once_with_gather_rows(world: int) -> None:
+    """tests/test_frameworks.py's gather_rows case without accelerate: uneven="pad" over 17
+    samples (some ranks' last batches empty); gather_rows(backend=) gathers every output once,
+    in rank order, whatever the row counts."""
+    def fn(b: ThreadBackend) -> list[int]:
+        loader = hi.DistributedLoader(list(range(17)), batch_size=4, uneven="pad",
+                                      shuffle=False, backend=b)
+        mine = torch.cat([x for x in loader]) if len(loader) else torch.zeros(0)
+        return hi.gather_rows(mine, backend=b).tolist()
+
+    res = run_all(world, fn)
+    assert all(r == res[0] for r in res) and sorted(res[0]) == list(range(17))

@@ -23,6 +23,7 @@ from thread_world import (
 )
 
 import horovod_iter as hi
+import horovod_iter.backend as hb
 from horovod_iter.errors import (
     ConfigMismatchError,
     DataTimeoutError,
@@ -130,10 +131,12 @@ def test_a_hang_is_reported_with_the_stacks(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_strict_mode_names_a_call_of_the_global_backend() -> None:
-    out = run_ranks(2, lambda b: hi.get_backend())
+    out = run_ranks(2, lambda b: hb.get_backend())
     assert all(isinstance(e, GlobalWorldError) and "test_thread_world.py" in str(e)
                for e in out)
-    assert run_all(2, lambda b: hi.get_backend().size, strict=False) == [1, 1]
+    assert run_all(2, lambda b: hb.get_backend().size, strict=False) == [1, 1]
+    out = run_ranks(2, lambda b: hi.DistributedSampler(8).num_replicas)  # a default world
+    assert all(isinstance(e, GlobalWorldError) and "sampler.py" in str(e) for e in out)
 
 
 def test_a_loader_runs_on_the_world() -> None:
