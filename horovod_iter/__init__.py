@@ -2,21 +2,27 @@
 
 Public API (everything else is private and may change):
 
-* ``init``, ``get_backend``, ``shutdown``, ``Backend``: ranks and collectives;
-  ``gather_rows``: the exact evaluation gather (ranks with different row counts).
-* ``DistributedLoader`` / ``DistributedIterator``: the input pipeline: sampler -> fetch ->
-  allreduce-synchronised end of data -> CUDA-stream prefetch.
+* ``init``, ``shutdown``, ``Backend``: ranks and collectives; ``gather_rows``: the exact
+  evaluation gather (ranks with different row counts).
+* ``DistributedLoader``: the input pipeline: sampler -> fetch -> allreduce-synchronised end of
+  data -> CUDA-stream prefetch. ``iter(loader)`` returns a ``DistributedIterator`` (a type to
+  annotate with, never built by users, so not in ``__all__``).
 * ``DistributedSampler``: disjoint epoch-seeded slices, O(1) memory, exact resume.
 * ``LengthGroupedBatchSampler``: distributed batches of similar lengths, resumable anywhere.
 * ``mask_labels``, ``flag_padding``: mark the rows ``even_batches=True`` pads with.
-* ``EpochPlan``: the pure layout of an epoch over the ranks.
 * ``CudaPrefetcher``: side-stream host->GPU prefetch around any iterable.
 * ``ShardedDataset``: streaming shards, each read once over the world, resumable on any world.
-* ``MixedDataset``: sources mixed in fixed proportions, per-source epochs (map-style; or
-  streaming ``ShardedDataset``s with a canonical layout, as a ``MixedStream``).
-* ``shard``: split an iterable by rank and DataLoader worker (every consumer reads it all).
+* ``MixedDataset``: map-style sources mixed in fixed proportions, per-source epochs;
+  ``MixedStream``: the same for streaming ``ShardedDataset``s with a canonical layout.
+* ``split_stream``: split one stream by rank and DataLoader worker (every consumer reads it
+  all and keeps its share).
 * ``read_tar``: a fast, resumable reader of WebDataset-layout tar shards.
 * The exceptions of ``horovod_iter.errors``.
+
+Deprecated, kept for one release (removed in 0.4), each warning with the name to use:
+``get_backend()`` (use ``init()``, which returns the same backend), ``shard()`` (use
+``split_stream()``), ``MixedDataset`` of streaming sources (use ``MixedStream``), and
+``horovod_iter.EpochPlan`` (import it from ``horovod_iter.plan``; it is not public API).
 
 With Horovod installed, importing the package registers the Horovod elastic state handlers
 (``horovod_iter.integrations.horovod_elastic``), so ``hvd.elastic.TorchState(loader=...)``
@@ -25,8 +31,11 @@ works.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any as _Any
 
-from .backend import Backend, gather_rows, get_backend, init, shutdown
+from . import backend as _backend
+from ._deprecation import warn_deprecated as _warn_deprecated
+from .backend import Backend, gather_rows, init, shutdown
 from .batching import LengthGroupedBatchSampler
 from .errors import (
     BackendError,
@@ -39,13 +48,13 @@ from .errors import (
     ShardingError,
     UnevenDataError,
 )
-from .fetch import shard
+from .fetch import shard as shard  # deprecated: warns when called
+from .fetch import split_stream
 from .formats import read_tar
-from .iterator import DistributedIterator
+from .iterator import DistributedIterator as DistributedIterator  # iter(loader)'s type
 from .loader import DistributedLoader
 from .mixing import MixedDataset, MixedStream
 from .padding import flag_padding, mask_labels
-from .plan import EpochPlan
 from .prefetch import CudaPrefetcher
 from .sampler import DistributedSampler
 from .sharded import ShardedDataset
@@ -58,10 +67,8 @@ __all__ = [
     "ConfigMismatchError",
     "CudaPrefetcher",
     "DataTimeoutError",
-    "DistributedIterator",
     "DistributedLoader",
     "DistributedSampler",
-    "EpochPlan",
     "HorovodIterError",
     "LengthGroupedBatchSampler",
     "MixedDataset",
@@ -74,13 +81,32 @@ __all__ = [
     "UnevenDataError",
     "flag_padding",
     "gather_rows",
-    "get_backend",
     "init",
     "mask_labels",
     "read_tar",
-    "shard",
     "shutdown",
+    "split_stream",
 ]
+
+
+def get_backend() -> Backend:
+    """Deprecated: use `init()`, which returns the same backend (initialised once,
+    auto-detected); removed in horovod_iter 0.4."""
+    _warn_deprecated("horovod_iter.get_backend()", "horovod_iter.init(), which returns the "
+                     "same backend")
+    return _backend.get_backend()
+
+
+def __getattr__(name: str) -> _Any:
+    """Names that left the public API, still importable for one release (with a warning)."""
+    if name == "EpochPlan":
+        _warn_deprecated("horovod_iter.EpochPlan", "horovod_iter.plan.EpochPlan (not public "
+                         "API: it may change)")
+        from .plan import EpochPlan
+
+        return EpochPlan
+    raise AttributeError(f"module 'horovod_iter' has no attribute {name!r}")
+
 
 if importlib.util.find_spec("horovod") is not None:
     try:

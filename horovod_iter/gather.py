@@ -1,11 +1,11 @@
 """Index array -> collated batch, as fast as the dataset allows (the fetch paths' one tool).
 
 * ``TensorDataset`` (and any dataset exposing ``tensors`` with torch's ``__getitem__``) is
-  gathered with ``index_select``, in parallel threads for large batches, into warm memory: a
-  pinned block recycled by torch's caching host allocator once its copy to the GPU is done, or
-  on the CPU a buffer of ours reused once the user has let go of it (``_reusable``). Writing
-  into warm pages instead of fresh ones is what makes the gather several times faster than
-  collating samples.
+  gathered with ``index_select``, in parallel threads for large batches. With ``pin``, into a
+  pinned block that torch's caching host allocator recycles once its copy to the GPU is done;
+  on the CPU into a new tensor, or, only when asked for (``reuse=True``, the loader's
+  ``reuse_cpu_buffers=True``: a batch is then valid until the next step), into a buffer of
+  ours written again once nothing refers to it (`_reuse`). Warm pages make the gather faster.
 * datasets with ``__getitems__`` get the whole index list, as torch's DataLoader does;
   others are read sample by sample.
 * with the default collate and a CUDA target, tensors are stacked straight into pinned memory.
@@ -15,7 +15,6 @@ A failure names the rank and the index (and which sample's structure differs fro
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
 
+from . import _reuse
 from ._tree import tree_structure
 from .errors import SampleError
 
@@ -59,42 +59,15 @@ def _first_odd_sample(samples: Sequence[Any]) -> tuple[int, Any, Any] | None:
     return None
 
 
-_POOL = 4
-
-
-def _reusable(pool: list[torch.Tensor], i: int) -> bool:
-    """True if nothing but ``pool`` refers to ``pool[i]``: no Python reference (a batch the
-    user kept), no other tensor on its storage (a view, a numpy array), no autograd graph or
-    C++ holder of the tensor itself. Any doubt: not reusable."""
-    try:
-        impl_refs: int = pool[i]._use_count()  # type: ignore[attr-defined]
-        return (sys.getrefcount(pool[i]) == 2 and impl_refs == 1
-                and torch._C._storage_Use_Count(pool[i].untyped_storage()._cdata) == 2)
-    except Exception:  # pragma: no cover - a torch without these introspection hooks
-        return False
-
-
-def _probe_reuse() -> bool:
-    """The refcount rules above hold in this torch build (else never reuse)."""
-    try:
-        pool = [torch.empty(4)]
-        free = _reusable(pool, 0)
-        view = pool[0][1:]
-        held = _reusable(pool, 0)
-        del view
-        kept = pool[0]
-        held2 = _reusable(pool, 0)
-        del kept
-        return free and not held and not held2 and _reusable(pool, 0)
-    except Exception:  # pragma: no cover
-        return False
-
-
-_REUSE = _probe_reuse()
-
-
 class BatchFetcher:
-    """Turns an index array into a collated batch (see the module docstring)."""
+    """Turns an index array into a collated batch (see the module docstring).
+
+    ``reuse``: write CPU batches of a ``TensorDataset`` into buffers of ours again (opt-in,
+    the loader's ``reuse_cpu_buffers=True``): a batch is then valid only until the next one
+    is fetched; only where batches stay in this process, never in a DataLoader worker (its
+    batch lives on in shared memory that the worker must not write again). Off by default:
+    a kept batch is never overwritten.
+    """
 
     def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], Any] | None,
                  pin: bool, rank: int, threads: int | None = None,
@@ -111,13 +84,12 @@ class BatchFetcher:
             self._tensors = tuple(tensors)
         getitems = getattr(dataset, "__getitems__", None)
         self._getitems = getitems if callable(getitems) else None
-        # only where batches stay in this process: a batch sent from a DataLoader worker
-        # lives on in shared memory that the worker must not write again
-        self._reuse = reuse and _REUSE
         self._threads = threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
-        # CPU output buffers, reused once nothing else refers to them (see _reusable)
-        self._buffers: list[list[torch.Tensor]] = [[] for _ in self._tensors or ()]
+        #: CPU output buffers written again once nothing refers to them (opt-in, `_reuse`)
+        self.buffers: _reuse.BufferPool | None = None
+        if reuse and not pin and self._tensors is not None and _reuse.supported():
+            self.buffers = _reuse.BufferPool(len(self._tensors))
 
     def __call__(self, indices: np.ndarray) -> Any:
         try:
@@ -172,27 +144,11 @@ class BatchFetcher:
             storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
             return torch.empty(0, dtype=dtype).set_(storage).view(shape) if numel else \
                 torch.empty(shape, dtype=dtype)
-        return self._reused_or_new(k, shape, dtype)
-
-    def _reused_or_new(self, k: int, shape: tuple[int, ...],
-                       dtype: torch.dtype) -> torch.Tensor:
-        """An output buffer: pinned memory comes from torch's caching host allocator (which
-        recycles a block once its copy to the GPU is done); on the CPU a buffer of ours is
-        reused when the user has let go of it, else a new one is made. Writing into warm
-        pages instead of fresh ones is what makes the gather several times faster."""
-        if self.pin or not self._reuse:
-            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
-        pool = self._buffers[k]
-        for i in range(len(pool)):
-            if pool[i].shape == shape and _reusable(pool, i):
-                return pool[i]
-        out = torch.empty(shape, dtype=dtype)
-        if len(pool) < _POOL:
-            pool.append(out)
-        else:  # all in use (the user keeps batches): the oldest is theirs now
-            pool.pop(0)
-            pool.append(out)
-        return out
+        if self.buffers is not None:
+            return self.buffers.take(k, shape, dtype)
+        # pinned memory comes from torch's caching host allocator, which recycles a block
+        # once its copy to the GPU is done
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
     def _gather(self, t: torch.Tensor, indices: np.ndarray, k: int) -> torch.Tensor:
         idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))

@@ -1,5 +1,6 @@
-"""MixedDataset: several sources mixed in fixed proportions - map-style sources as one map-style
-dataset, streaming ones (`ShardedDataset` with a canonical layout) as one stream (`MixedStream`).
+"""Sources mixed in fixed proportions: map-style sources as one map-style dataset
+(`MixedDataset`), streaming ones (`ShardedDataset` with a canonical layout) as one stream
+(`MixedStream`).
 
 An epoch of the mix has ``samples_per_epoch`` positions; source ``j`` owns a contiguous range of
 ``c_j`` of them (``c_j`` from the weights, largest remainders, summing to the epoch). Position
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ._deprecation import warn_deprecated
 from .backend import get_backend
 from .canonical import check_world, stream_position
 from .permutation import permute
@@ -74,7 +76,8 @@ class MixedDataset(Dataset[Any]):
     """Map-style sources mixed with fixed proportions (see the module docstring).
 
     Args:
-        sources: map-style datasets (with ``__len__``), a list or a ``{name: dataset}`` dict.
+        sources: map-style datasets (with ``__len__``), a list or a ``{name: dataset}`` dict
+            (streaming sources mix in a `MixedStream`).
         weights: each source's share of an epoch (any positive numbers; normalised). Default:
             in proportion to their lengths (a plain concatenation).
         samples_per_epoch: positions of a mixed epoch; default: the sources' total length.
@@ -92,10 +95,14 @@ class MixedDataset(Dataset[Any]):
     """
 
     def __new__(cls, sources: Any = (), *args: Any, **kwargs: Any) -> Any:
-        """Streaming sources (``IterableDataset``s) make a `MixedStream` instead."""
+        """Deprecated: streaming sources (``IterableDataset``s) make a `MixedStream`, with a
+        ``DeprecationWarning``; build ``MixedStream(...)`` yourself (removed in 0.4)."""
         values = list(sources.values()) if isinstance(sources, Mapping) else sources
         if cls is MixedDataset and isinstance(values, Sequence) and any(
                 isinstance(d, IterableDataset) for d in values):
+            warn_deprecated("horovod_iter.MixedDataset(...) of streaming sources (which made "
+                            "a MixedStream)", "horovod_iter.MixedStream(...) with the same "
+                            "arguments")
             return MixedStream(sources, *args, **kwargs)
         return super().__new__(cls)
 
@@ -214,13 +221,13 @@ class MixedStream(IterableDataset[Any]):
     mixed epochs. A mixed epoch is ``samples_per_epoch // global_batch`` steps, the same on
     every rank. Where a stream stands is a pure function of the global step, so the state is
     a count: saved by any rank alone, resumed on any world the layouts allow, with the same
-    global batches. ``MixedDataset(...)`` of such sources makes one of these.
+    global batches.
 
     ```python
     web = hi.ShardedDataset(web_shards, read, sizes=web_sizes, canonical_ranks=8)
     code = hi.ShardedDataset(code_shards, read, sizes=code_sizes, canonical_ranks=8)
-    mix = hi.MixedDataset({"web": web, "code": code}, weights=[0.7, 0.3],
-                          samples_per_epoch=1_000_000)
+    mix = hi.MixedStream({"web": web, "code": code}, weights=[0.7, 0.3],
+                         samples_per_epoch=1_000_000)
     loader = hi.DistributedLoader(mix, global_batch_size=512)
     ```
     """
