@@ -1,7 +1,7 @@
 """Sharded streaming data: bytes read per rank, and the cost of a mid-epoch resume.
 
 1. 8 ranks over 64 JSONL shards: the bytes each rank reads with ``hi.ShardedDataset`` (every
-   shard read by one consumer) vs ``hi.shard()`` over the same stream (every rank reads it
+   shard read by one consumer) vs ``hi.split_stream()`` over the same stream (every rank reads it
    all and keeps every 8th record). Each rank's view is the library's own code path, built
    with ``rank=r, num_replicas=8`` (reading needs no collective).
 2. 1e6 records in 64 shards, one rank, resumed at 50% of the epoch: ``ShardedDataset``'s
@@ -81,12 +81,13 @@ def main() -> None:
             ours.append(c.bytes)
             c2 = Counter()
             stream = itertools.chain.from_iterable(reader(c2, False)(x) for x in small)
-            n_theirs = sum(1 for _ in hi.shard(stream, rank=r, num_replicas=a.ranks))
+            n_theirs = sum(1 for _ in hi.split_stream(stream, rank=r, num_replicas=a.ranks))
             theirs.append(c2.bytes)
             assert abs(n_ours - n_theirs) <= a.records // a.shards + 1
         print(f"bytes read per rank ({a.ranks} ranks): ShardedDataset {max(ours) / 1e6:.1f} MB "
-              f"(max; {max(ours) / total:.3f} of the data), shard() {max(theirs) / 1e6:.1f} MB "
-              f"({max(theirs) / total:.3f}); shard() reads {max(theirs) / max(ours):.1f}x more")
+              f"(max; {max(ours) / total:.3f} of the data), split_stream() "
+              f"{max(theirs) / 1e6:.1f} MB ({max(theirs) / total:.3f}); split_stream() reads "
+              f"{max(theirs) / max(ours):.1f}x more")
         # 2. resume at 50%
         bs = 256
         consumed = a.records // 2 // bs
@@ -138,7 +139,7 @@ def main() -> None:
             import matplotlib.pyplot as plt
 
             fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-            ax1.bar(["ShardedDataset", "shard()"], [max(ours) / 1e6, max(theirs) / 1e6],
+            ax1.bar(["ShardedDataset", "split_stream()"], [max(ours) / 1e6, max(theirs) / 1e6],
                     color=["tab:green", "tab:red"])
             ax1.set_ylabel("MB read by the busiest rank")
             ax1.set_title(f"{a.ranks} ranks, {a.shards} shards")

@@ -94,7 +94,7 @@ class PerRank(IterableDataset):
 
     def __iter__(self):
         first = sum(self.lengths[:rank])
-        for i in hi.shard(range(first, first + self.lengths[rank]), rank=0, num_replicas=1):
+        for i in hi.split_stream(range(first, first + self.lengths[rank]), rank=0, num_replicas=1):
             dataset_fault()
             yield {"id": torch.tensor(i), "x": torch.full((2,), float(i))}
 

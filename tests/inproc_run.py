@@ -43,7 +43,7 @@ class PerRank(IterableDataset):
     def __iter__(self) -> Any:
         first = sum(self.lengths[:self.rank])
         ids = range(first, first + self.lengths[self.rank])
-        for i in hi.shard(ids, rank=0, num_replicas=1):
+        for i in hi.split_stream(ids, rank=0, num_replicas=1):
             if self.raise_at and self.raise_at[0] == self.rank and \
                     self.raise_at[1] == i - first:
                 raise KeyError(f"corrupt record {i}")

@@ -84,8 +84,8 @@ def stream_run(b: ThreadBackend, d: Path, cfg: dict[str, Any]) -> dict[str, Any]
                                     sizes=sizes, seed=seed, interleave=3, canonical_ranks=4,
                                     canonical_workers=4, rank=b.rank, num_replicas=b.size)
             for seed, (name, sizes) in enumerate((("big", BIG), ("small", SMALL)))}
-    mix = hi.MixedDataset(srcs, weights=[0.75, 0.25], samples_per_epoch=240, rank=b.rank,
-                          num_replicas=b.size)
+    mix = hi.MixedStream(srcs, weights=[0.75, 0.25], samples_per_epoch=240, rank=b.rank,
+                         num_replicas=b.size)
     workers = cfg.get("workers", 0)
     loader = hi.DistributedLoader(mix, global_batch_size=24, uneven="pad", collate_fn=list,
                                   timeout=60, num_workers=workers, backend=b,

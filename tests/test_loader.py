@@ -10,6 +10,7 @@ from harness import launch, slow
 from torch.utils.data import IterableDataset, TensorDataset
 
 import horovod_iter as hi
+from horovod_iter.plan import EpochPlan
 
 pytestmark = pytest.mark.timeout(600)
 LAUNCHERS = ["horovod", "torch"]
@@ -338,9 +339,9 @@ def test_iterable_dataset_resume_replays():
 
 
 def test_shard_by_rank_and_worker():
-    assert list(hi.shard(range(10), rank=1, num_replicas=3)) == [1, 4, 7]
+    assert list(hi.split_stream(range(10), rank=1, num_replicas=3)) == [1, 4, 7]
     with pytest.raises(ValueError, match="rank=3"):
-        list(hi.shard(range(3), rank=3, num_replicas=2))
+        list(hi.split_stream(range(3), rank=3, num_replicas=2))
 
 
 def test_nested_structures_pass_through():
@@ -401,7 +402,7 @@ def test_global_batch_k_holds_the_same_samples_on_any_world(uneven):
     n, g = 100, 12
     runs = {}
     for w in (1, 2, 3, 4, 6):
-        plans = [hi.EpochPlan(n, w, r, seed=5, epoch=2, pad=uneven == "stop")
+        plans = [EpochPlan(n, w, r, seed=5, epoch=2, pad=uneven == "stop")
                  for r in range(w)]
         b = g // w
         steps = -(-max(p.count() for p in plans) // b)

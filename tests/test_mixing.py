@@ -118,8 +118,8 @@ def stream_mix(tmp_path, world=1, rank=0, **kw):
     srcs = {name: hi.ShardedDataset(p, r, sizes=s, seed=j, interleave=3, canonical_ranks=4,
                                     canonical_workers=k, rank=rank, num_replicas=world)
             for j, (name, (p, r, s), k) in enumerate((("big", big, 4), ("small", small, 4)))}
-    return hi.MixedDataset(srcs, weights=[0.75, 0.25], samples_per_epoch=240, rank=rank,
-                           num_replicas=world, **kw)
+    return hi.MixedStream(srcs, weights=[0.75, 0.25], samples_per_epoch=240, rank=rank,
+                          num_replicas=world, **kw)
 
 
 def mix_steps(tmp_path, world, workers, epochs, monkeypatch, state=None):
@@ -190,13 +190,13 @@ def test_streaming_mix_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not a multiple of canonical_ranks=4"):
         ds.set_batching(30)
     with pytest.raises(ValueError, match=r"gives source.*'small'.*no record"):
-        hi.MixedDataset({"big": ds.sources[0], "small": ds.sources[1]},
-                        weights=[0.99, 0.01]).set_batching(8)
+        hi.MixedStream({"big": ds.sources[0], "small": ds.sources[1]},
+                       weights=[0.99, 0.01]).set_batching(8)
     with pytest.raises(ValueError, match="seed= and shuffle= to each ShardedDataset"):
-        hi.MixedDataset(ds.sources, seed=3)
+        hi.MixedStream(ds.sources, seed=3)
     plain = hi.ShardedDataset(["x"], lambda p: iter(()), sizes=[3], rank=0, num_replicas=1)
     with pytest.raises(TypeError, match="canonical layout"):
-        hi.MixedDataset([ds.sources[0], plain])
+        hi.MixedStream([ds.sources[0], plain])
     ds.set_batching(24)
     state = ds.canonical_state(2, None, 1, 1, {})
     other = stream_mix(tmp_path)

@@ -25,7 +25,7 @@ class Stream(IterableDataset):
         self.n = n
 
     def __iter__(self):  # split over DataLoader workers, as torch users must
-        return hi.shard(range(self.n), rank=0, num_replicas=1)
+        return hi.split_stream(range(self.n), rank=0, num_replicas=1)
 
 
 def ids(batches):

@@ -1,9 +1,9 @@
 """Data formats users bring, through the loader on every rank; argv[1] is a JSON config:
 kind ("wds": WebDataset tar shards written by the test through ShardedDataset and the
-webdataset reader; "wds_shard": hi.shard over a splitting WebDataset pipeline; "hf": a Hugging
-Face datasets.Dataset with_format("torch")), dir, n, batch_size, workers, epochs, stop_after +
-state_out (save the state on every rank, rank 0 writes it), state_in. Reports the ids per
-epoch."""
+webdataset reader; "wds_shard": hi.split_stream over a splitting WebDataset pipeline; "hf": a
+Hugging Face datasets.Dataset with_format("torch")), dir, n, batch_size, workers, epochs,
+stop_after + state_out (save the state on every rank, rank 0 writes it), state_in. Reports the
+ids per epoch."""
 import json
 import os
 import sys
@@ -35,7 +35,7 @@ try:
         urls = sorted(str(p) for p in Path(cfg["dir"]).glob("*.tar"))
         if kind == "wds_shard":
             pipeline = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node)
-            hi.shard(pipeline)
+            hi.split_stream(pipeline)
         data = hi.ShardedDataset(urls, reader(lambda ds: ds.decode().map(as_ids)), seed=1)
         loader = hi.DistributedLoader(data, batch_size=cfg["batch_size"], uneven="pad",
                                       num_workers=cfg.get("workers", 0), timeout=60)

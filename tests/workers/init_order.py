@@ -16,7 +16,7 @@ t = torch.tensor([dist.get_rank() + 1])
 dist.all_reduce(t)
 seen = [x.tolist() for (x,) in loader]
 report({"rank": dist.get_rank(), "sum": int(t), "batches": seen,
-        "backend": hi.get_backend().name})
+        "backend": hi.init().name})
 dist.destroy_process_group()
 sys.stdout.flush()
 os._exit(0)

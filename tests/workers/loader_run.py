@@ -60,7 +60,7 @@ class PerRank(IterableDataset):
     def __iter__(self):
         first = sum(self.lengths[:rank])
         ids = range(first, first + self.lengths[rank])
-        for i in hi.shard(ids, rank=0, num_replicas=1):
+        for i in hi.split_stream(ids, rank=0, num_replicas=1):
             if self.raise_at and self.raise_at[0] == rank and self.raise_at[1] == i - first:
                 raise KeyError(f"corrupt record {i}")
             yield {"id": torch.tensor(i), "x": torch.full((3,), float(i))}

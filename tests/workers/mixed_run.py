@@ -31,8 +31,8 @@ if cfg.get("stream_dir"):
         return hi.ShardedDataset(shards, read, sizes=sizes, seed=seed, interleave=3,
                                  canonical_ranks=4, canonical_workers=4)
 
-    mix = hi.MixedDataset({"big": source("big", 0), "small": source("small", 1)},
-                          weights=[0.75, 0.25], samples_per_epoch=240)
+    mix = hi.MixedStream({"big": source("big", 0), "small": source("small", 1)},
+                         weights=[0.75, 0.25], samples_per_epoch=240)
 else:
     mix = hi.MixedDataset({"web": Named("web", 50), "code": Named("code", 13),
                            "books": Named("books", 200)}, weights=[0.5, 0.3, 0.2],
