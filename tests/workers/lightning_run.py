@@ -89,7 +89,7 @@ class Model(L.LightningModule):
 
     def report(self):
         report({"rank": self.global_rank, "world": self.trainer.world_size, "seen": self.seen,
-                "val": self.val, "backend": hi.get_backend().name}, rank=self.global_rank)
+                "val": self.val, "backend": hi.init().name}, rank=self.global_rank)
 
 
 callbacks = []
