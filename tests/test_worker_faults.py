@@ -57,10 +57,9 @@ def workers_of(src) -> list:
     return list(src._it._workers)
 
 
-def wait_until_dead(pid: int, created: float, limit: float) -> bool:
-    """Poll (not a timing assertion: ``limit`` is a generous cap) until ``pid`` is gone or a
-    zombie; False if it still runs at ``limit``."""
-    end = time.monotonic() + limit
+def wait_until_dead(pid: int, created: float, end: float) -> bool:
+    """Poll (not a timing assertion: ``end`` is a generous cap) until ``pid`` is gone or a
+    zombie; False if it still runs at ``end`` (``time.monotonic()``)."""
     while time.monotonic() < end:
         try:
             p = psutil.Process(pid)
@@ -104,19 +103,23 @@ ORPHANS = textwrap.dedent("""
 def test_workers_of_a_rank_killed_right_after_the_fork_do_not_outlive_it(tmp_path):
     script = tmp_path / "orphans.py"
     script.write_text(ORPHANS)
-    run = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == -signal.SIGKILL, run.stderr
-    pids = json.loads(run.stdout.strip().splitlines()[-1])
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:  # a file, not a pipe: orphans holding a pipe would hang run()
+        code = subprocess.run([sys.executable, str(script), str(ROOT)], check=False,
+                              stdout=f, stderr=subprocess.STDOUT, timeout=120).returncode
+    text = out.read_text()
+    assert code == -signal.SIGKILL, text
+    pids = json.loads(text.strip().splitlines()[-1])
     procs = {}
     for pid in pids:
         try:
             procs[pid] = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess:
             procs[pid] = None
+    end = time.monotonic() + 60
     try:
         alive = [pid for pid, created in procs.items()
-                 if created is not None and not wait_until_dead(pid, created, 60)]
+                 if created is not None and not wait_until_dead(pid, created, end)]
         assert not alive, f"DataLoader workers {alive} outlived their rank"
     finally:
         for pid, created in procs.items():
