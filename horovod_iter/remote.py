@@ -121,8 +121,11 @@ class _Stalled(Exception):
 
 
 class _NoRoom(Exception):
-    """A prefetch would have to evict a shard in use, or its shard is no longer wanted: it
-    stops."""
+    """A prefetch would have to evict a shard in use: it waits."""
+
+
+class _Passed(_NoRoom):
+    """The reader came to the shard before its download ahead (or moved past it)."""
 
 
 class ShardCache:
@@ -173,10 +176,12 @@ class ShardCache:
         self._wanted_cv = threading.Condition(self._lock)
         self._pinned: dict[str, tuple[int, int]] = {}  # name -> (locked fd, opens) here
         self._open: dict[str, str] = {}        # url -> name of its open copy
+        self._reading: set[str] = set()        # urls opened (or being opened) here
         self._ahead: dict[str, tuple[str, int]] = {}  # url -> (name, locked fd): downloaded
         self._infos: dict[str, tuple[int, str]] = {}  # url -> (size, name) last looked up
         self._checked: set[str] = set()        # looked up since their last open
         self._looking: dict[str, threading.Event] = {}  # look-ups under way (set when done)
+        self._stats: dict[str, int] = {}       # url -> look-ups answered
         self._thread: threading.Thread | None = None
         self._wanted: list[str] = []
         self._fetched: set[str] = set()        # prefetched (or failed: the reader retries)
@@ -237,13 +242,19 @@ class ShardCache:
         digest = hashlib.blake2b(f"{url}\n{identity}".encode(), digest_size=10).hexdigest()
         return size, f"{digest}-{os.path.basename(url.rstrip('/'))[-80:] or 'shard'}"
 
-    def _lookup(self, url: str, opening: bool) -> tuple[int, str]:
-        """(size, name) of ``url``. An open asks the store unless a look-up since the last
-        open (the download ahead, or `has_room`) did; other callers take the last answer."""
+    def _lookup(self, url: str, fresh: bool, opening: bool = False,
+                ahead: bool = False) -> tuple[int, str]:
+        """(size, name) of ``url``: ``fresh``, the store's answer since the last open (a
+        download or an open must not go by an old identity; the download ahead's look-up
+        serves the open that follows it), else the last one known (room estimates). A
+        look-up under way in another thread answers this one too; one for the download
+        ``ahead`` is dropped (`_NoRoom`) once the reader has come to the shard."""
         while True:
             with self._lock:
+                if ahead and (url in self._reading or url not in self._wanted):
+                    raise _Passed()
                 known = self._infos.get(url)
-                if known is not None and (url in self._checked or not opening):
+                if known is not None and (url in self._checked or not fresh):
                     if opening:
                         self._checked.discard(url)
                     return known
@@ -251,10 +262,18 @@ class ShardCache:
                 if pending is None:  # ours to look up
                     pending = self._looking[url] = threading.Event()
                     break
+                answered = self._stats.get(url, 0)
             pending.wait()  # the other thread's look-up (bounded by the timeout) answers
+            with self._lock:
+                known = self._infos.get(url)
+                if known is not None and self._stats.get(url, 0) > answered:
+                    if opening:
+                        self._checked.discard(url)
+                    return known
         try:
             known = self._stat(url)
             with self._lock:
+                self._stats[url] = self._stats.get(url, 0) + 1
                 self._infos[url] = known
                 if opening:
                     self._checked.discard(url)
@@ -269,7 +288,7 @@ class ShardCache:
     def size(self, url: str) -> int:
         """The shard's size in bytes (as last looked up)."""
         self._here()
-        return self._lookup(url, opening=False)[0]
+        return self._lookup(url, fresh=False)[0]
 
     # -- use ------------------------------------------------------------------------------
     def open(self, url: str) -> str:
@@ -283,17 +302,23 @@ class ShardCache:
                 held, n = self._pinned[name]
                 self._pinned[name] = (held, n + 1)
                 return str(self.dir / name)
-        size, name = self._lookup(url, opening=True)
-        with self._lock:
-            ahead = self._ahead.pop(url, None)
-        fd: int | None = None
-        if ahead is not None:
-            if ahead[0] == name:
-                fd = ahead[1]  # downloaded ahead (and pinned since): the reader takes it
-            else:
-                os.close(ahead[1])
-        if fd is None:
-            fd = self._fetch(url, size, name, prefetching=False)
+            self._reading.add(url)  # the download ahead leaves it alone from now on
+        try:
+            size, name = self._lookup(url, fresh=True, opening=True)
+            with self._lock:
+                ahead = self._ahead.pop(url, None)
+            fd: int | None = None
+            if ahead is not None:
+                if ahead[0] == name:
+                    fd = ahead[1]  # downloaded ahead (and pinned since): the reader takes it
+                else:
+                    os.close(ahead[1])
+            if fd is None:
+                fd = self._fetch(url, size, name, prefetching=False)
+        except BaseException:
+            with self._lock:
+                self._reading.discard(url)
+            raise
         with self._lock:
             self._pinned[name] = (fd, 1)
             self._open[url] = name
@@ -312,13 +337,14 @@ class ShardCache:
                 self._pinned[name] = (fd, n - 1)
                 return
             del self._pinned[name], self._open[url]
+            self._reading.discard(url)
         os.close(fd)  # drops the lock
 
     def has_room(self, url: str) -> bool:
         """Whether ``url`` fits beside the shards held (open, downloading, or downloaded
         ahead and not read yet) in any process of this host."""
         self._here()
-        size, name = self._lookup(url, opening=False)
+        size, name = self._lookup(url, fresh=False)
         if (self.dir / name).exists():
             return True
         held = sum(n for f, n, _ in self._files(reserved=True)
@@ -374,23 +400,25 @@ class ShardCache:
         while not self._closed:
             with self._wanted_cv:
                 url = next((u for u in self._wanted if u not in self._fetched
-                            and u not in self._open), None)
+                            and u not in self._reading), None)
                 if url is None:
                     self._wanted_cv.wait(timeout=1.0)
                     continue
             try:
+                size, name = self._lookup(url, fresh=True, ahead=True)
                 if self.has_room(url):
-                    size, name = self._lookup(url, opening=False)
                     fd = self._fetch(url, size, name, prefetching=True)
                     with self._lock:
                         self._fetched.add(url)
-                        keep = (url in self._wanted and url not in self._open
+                        keep = (url in self._wanted and url not in self._reading
                                 and url not in self._ahead and not self._closed)
                         if keep:
                             self._ahead[url] = (name, fd)
                     if not keep:
                         os.close(fd)
                     continue
+            except _Passed:
+                continue
             except _NoRoom:
                 pass
             except Exception:  # the reader meets it again, and reports it
@@ -475,8 +503,8 @@ class ShardCache:
                     return fd
                 if prefetching:
                     with self._lock:  # the reader may have read it (and moved on) meanwhile
-                        if url not in self._wanted or url in self._open:
-                            raise _NoRoom()
+                        if url not in self._wanted or url in self._reading:
+                            raise _Passed()
                 return self._download(url, size, name, prefetching, clock)
             finally:
                 with contextlib.suppress(OSError):
