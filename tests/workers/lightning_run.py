@@ -8,7 +8,11 @@
 * ``save``/``resume``: a mid-epoch checkpoint (ModelCheckpoint every 7 steps, then the run
   stops at step 9) and a run resumed from it with fit(ckpt_path=...): argv[2] is the folder;
 * ``sharded_save``/``sharded_resume``: the same over a ShardedDataset without sizes (no
-  len(): Lightning fetches one batch ahead of the training step), shards in argv[2]/shards.
+  len(): Lightning fetches one batch ahead of the training step; `LoaderProgress` tells the
+  loader what it holds), shards in argv[2]/shards.
+* ``epoch_end_resume`` (under torchrun, three fits in one job): 3 epochs uninterrupted; 1
+  epoch that saves an epoch-end checkpoint; 3 epochs resumed from it with fit(ckpt_path=), all
+  over a ShardedDataset without sizes with `LoaderProgress`. argv[2] is the folder.
 
 Each rank reports the sample ids its training_step saw per epoch, and the validation ids.
 """
@@ -23,6 +27,7 @@ from torch.utils.data import DataLoader
 from toy_data import Mapped
 
 import horovod_iter as hi
+from horovod_iter.integrations.lightning import LoaderProgress
 
 case = sys.argv[1]
 folder = Path(sys.argv[2]) if len(sys.argv) > 2 else None
@@ -92,7 +97,48 @@ class Model(L.LightningModule):
                 "val": self.val, "backend": hi.init().name}, rank=self.global_rank)
 
 
-callbacks = []
+if case == "epoch_end_resume":
+    SHARDS = [(s, 5 + s % 3) for s in range(12)]  # 72 records, 9 batches of 4 per rank
+
+    def read_shard(shard, start=0):
+        s, size = shard
+        return iter(range(s * 100 + start, s * 100 + size))
+
+    class Stream(Model):
+        def training_step(self, batch, i):
+            self.seen.setdefault(str(self.current_epoch), []).extend(batch.tolist())
+            return self.layer(batch.float().unsqueeze(1).repeat(1, 4)).sum()
+
+        def train_dataloader(self):
+            return hi.DistributedLoader(hi.ShardedDataset(SHARDS, read_shard), batch_size=4,
+                                        uneven="pad", timeout=60)
+
+        def on_train_end(self):
+            pass  # the job reports once, after its three fits
+
+    def stream_fit(epochs, ckpt=None, save=False):
+        callbacks = [LoaderProgress()]
+        if save:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=folder, every_n_epochs=1, save_top_k=-1, filename="epoch{epoch}",
+                save_on_train_epoch_end=True))
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs,
+                            logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=save,
+                            callbacks=callbacks, num_sanity_val_steps=0,
+                            default_root_dir=folder)
+        model = Stream()
+        trainer.fit(model, ckpt_path=ckpt)
+        return model.seen
+
+    runs = {"full": stream_fit(3), "first": stream_fit(1, save=True)}
+    torch.distributed.barrier()
+    runs["resumed"] = stream_fit(3, ckpt=str(folder / "epochepoch=0.ckpt"))
+    report({"rank": int(os.environ["RANK"]), **runs}, rank=int(os.environ["RANK"]))
+    sys.stdout.flush()
+    os._exit(0)
+
+callbacks = [LoaderProgress()] if case.startswith("sharded") else []
 if case.endswith("save"):
     callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
         dirpath=folder, every_n_train_steps=7, save_top_k=-1, filename="step{step}"))
@@ -105,7 +151,7 @@ if case == "prebuilt":
     loader = hi.DistributedLoader(Ids(N), batch_size=4, timeout=60)  # before the launcher
     trainer.fit(model, train_dataloaders=loader)
 elif case.endswith("resume"):
-    ckpt = sorted(folder.glob("*.ckpt"))[-1]
+    ckpt = max(folder.glob("*.ckpt"))
     trainer.fit(model, ckpt_path=str(ckpt))
 else:
     trainer.fit(model)
