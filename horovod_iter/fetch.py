@@ -21,7 +21,9 @@ import collections
 import ctypes
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -110,6 +112,8 @@ class FetchOptions:
     generator: Any = None
     prefetch_factor: int | None = None
     in_order: bool = True
+    #: write CPU batches into reused buffers (each valid until the next step)
+    reuse_cpu_buffers: bool = False
 
 
 class HostSource(Iterator[Any]):
@@ -322,7 +326,7 @@ class _WorkerSource(HostSource):
             self.close()
             raise
         except Exception as e:
-            raise self._fail(e, _death_of(self._it)) from e
+            raise self._fail(e, _death_behind(self._it, e)) from e
         if isinstance(batch, ErrorBox):
             self.close()
             batch.reraise()
@@ -433,6 +437,27 @@ def _death_of(it: Any) -> _Death | None:
         if code:  # None: running; 0: ended as asked (an iterable worker's data was done)
             return _Death(worker, w.pid, code)
     return None
+
+
+#: how long an error that a worker's death may cause waits for that death to show
+_DEATH_GRACE_S = 2.0
+
+
+def _death_behind(it: Any, e: Exception) -> _Death | None:
+    """The worker death behind ``e``, if any. A worker killed after it sent a batch makes the
+    batch unreadable (its tensors' file descriptors come from the dead process:
+    ``ConnectionResetError``) before the process is reaped: such an error waits (at most
+    `_DEATH_GRACE_S`) for a worker to end."""
+    death = _death_of(it)
+    text = str(e)
+    foreign = isinstance(e, (OSError, EOFError, pickle.UnpicklingError)) and \
+        "in DataLoader worker process" not in text  # not the dataset's, re-raised by torch
+    if death is None and (foreign or _from_workers(e) or "thread exited unexpectedly" in text):
+        running = [w.sentinel for w in getattr(it, "_workers", ()) if w.exitcode is None]
+        if running and not getattr(it, "_shutdown", True):
+            multiprocessing.connection.wait(running, _DEATH_GRACE_S)
+            death = _death_of(it)
+    return death
 
 
 class _WorkerWatch:
@@ -658,8 +683,9 @@ def host_batches(dataset: Any, opts: FetchOptions, *,
     if indices is not None:
         arrays, count = indices
         if opts.num_workers == 0:
-            return _InlineSource(arrays, count, BatchFetcher(dataset, opts.collate_fn, opts.pin,
-                                                             opts.rank, reuse=True))
+            fetcher = BatchFetcher(dataset, opts.collate_fn, opts.pin, opts.rank,
+                                   reuse=opts.reuse_cpu_buffers)
+            return _InlineSource(arrays, count, fetcher)
         key = (opts.rank, opts.num_workers, opts.pin)
         dl = workers.get(key) if workers is not None and opts.persistent_workers else None
         if dl is None:

@@ -66,7 +66,7 @@ def _dataset_length(dataset: Any) -> int:
         raise TypeError(
             "dataset must be a sized dataset (with __len__) or an int length, got "
             f"{type(dataset).__name__}; for an IterableDataset use horovod_iter.ShardedDataset "
-            "or horovod_iter.shard() instead"
+            "or horovod_iter.split_stream() instead"
         )
     if n < 0:
         raise ValueError(f"dataset length must be >= 0, got {n}")

@@ -4,8 +4,6 @@ or a numpy array on it) is never overwritten, even if the refcount probe were wr
 and the refcount guard still spares a batch the user visibly holds."""
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 import torch
@@ -15,11 +13,7 @@ import horovod_iter as hi
 from horovod_iter import _reuse
 from horovod_iter.gather import BatchFetcher
 
-#: the loader's keyword (DistributedLoader -> FetchOptions -> BatchFetcher(reuse=...))
-LOADER_OPT_IN = "reuse_cpu_buffers" in inspect.signature(hi.DistributedLoader).parameters
-needs_loader_opt_in = pytest.mark.skipif(
-    not LOADER_OPT_IN, reason="DistributedLoader(reuse_cpu_buffers=) not wired in yet")
-REUSE = [False, pytest.param(True, marks=needs_loader_opt_in)]
+REUSE = [False, True]
 
 
 def rows(n=64):
@@ -79,7 +73,6 @@ def test_the_views_test_sees_a_wrong_probe_under_opt_in(wrong_probe):
     assert any(not torch.equal(v, copy) for _, copy, v in views)
 
 
-@needs_loader_opt_in
 def test_default_loader_keeps_batches_even_if_the_probe_were_wrong(wrong_probe):
     keep_views(batch for (batch,) in loader())
 
@@ -96,7 +89,6 @@ def test_opt_in_fetcher_reuses_when_batches_are_dropped():
     assert pinned.buffers is None  # pinned memory: torch's caching host allocator recycles it
 
 
-@needs_loader_opt_in
 def test_opt_in_loader_reuses_when_batches_are_dropped(monkeypatch):
     pools = []
     init = _reuse.BufferPool.__init__
