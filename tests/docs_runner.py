@@ -1,6 +1,6 @@
 """Runs documentation code blocks in one process, each in a fresh namespace and folder.
 
-    python tests/docs_runner.py blocks.json results.json
+    python tests/docs_runner.py blocks.json results.json [seconds per block, default 120]
 
 ``blocks.json`` is a list of ``{"id": ..., "source": ...}`` (a prelude and the block, as one
 script); ``results.json`` gets ``{id: "ok" | traceback}``. One process for all the blocks that
@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-BLOCK_TIMEOUT_S = 120
+BLOCK_TIMEOUT_S = int(sys.argv[3]) if len(sys.argv) > 3 else 120
 
 
 def _alarm(signum: int, frame: Any) -> None:

@@ -320,7 +320,8 @@ def local_results(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Block],
                       for b in (p.values[0] for p in PY_LOCAL) if _marker(b).slow == slow]
             (folder / "blocks.json").write_text(json.dumps(blocks))
             res = run([sys.executable, str(ROOT / "tests" / "docs_runner.py"),
-                       str(folder / "blocks.json"), str(folder / "results.json")], timeout=800,
+                       str(folder / "blocks.json"), str(folder / "results.json"),
+                       "500" if slow else "120"], timeout=800,
                       env={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, cwd=folder)
             done[slow] = (json.loads((folder / "results.json").read_text())
                           if (folder / "results.json").exists() else {})
