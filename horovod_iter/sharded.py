@@ -80,7 +80,8 @@ class ShardedDataset(IterableDataset[Any]):
         download_ahead: shards each consumer downloads ahead of the ones it reads.
         timeout: seconds a shard's look-up or download (or the wait for another consumer's
             download of it) may go without progress before `DataTimeoutError` naming its
-            URL (None: no bound): a stalled object store ends the read instead of blocking.
+            URL (None or 0: no bound): a stalled object store ends the read instead of
+            blocking.
         canonical_ranks, canonical_workers: elastic determinism (needs ``sizes``): the
             epoch's records are cut into ``canonical_ranks x canonical_workers`` streams of
             equal length, and global step ``k`` takes ``global_batch / canonical_ranks``
@@ -157,9 +158,10 @@ class ShardedDataset(IterableDataset[Any]):
         self.read = read
         self.cache_dir = cache_dir or default_cache_dir()
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-                timeout, (int, float)) or not timeout > 0):
-            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
-        self.timeout = timeout
+                timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"timeout must be a number of seconds >= 0 or None (0 and None: "
+                             f"no bound), got {timeout!r}")
+        self.timeout = timeout or None  # 0: no bound, as the loader's
         self.cache_limit = cache_limit
         self.storage_options = storage_options
         self.download_ahead = download_ahead
@@ -307,7 +309,7 @@ class ShardedDataset(IterableDataset[Any]):
         if self._cache is None:
             self._cache = ShardCache(self.cache_dir, self.cache_limit, self.storage_options,
                                      timeout=self.timeout)
-        self._cache.timeout = self.timeout  # as set now (a loader may pass its own down)
+        self._cache.timeout = self.timeout or None  # as set now (a loader may pass its own)
         return self._cache
 
     def __getstate__(self) -> dict[str, Any]:
