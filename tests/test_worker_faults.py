@@ -170,6 +170,22 @@ def test_a_worker_killed_during_the_trainers_step_surfaces_at_the_next_batch():
         next(src)
 
 
+def test_a_worker_killed_just_before_the_next_batch_is_a_sample_error_naming_it():
+    """Killed right before ``next()``: its batches already sent cannot be read (their
+    tensors' file descriptors come from the dead process), before the process is reaped or
+    its SIGCHLD handled: still our SampleError naming the worker, never the
+    ``ConnectionResetError`` that torch lets through."""
+    src = source(Numbers(64), rank=2)
+    assert next(src).tolist() == [0, 1]
+    victim = workers_of(src)[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(SampleError, match=rf"rank 2, step \d of this pass: DataLoader worker 1 "
+                                          rf"\(pid {victim.pid}\) of this rank was killed by "
+                                          "signal SIGKILL"):
+        for _ in range(31):
+            next(src)
+
+
 def test_a_worker_that_died_between_passes_of_persistent_workers_fails_the_next_pass():
     ds = Numbers(8)
     kept: dict = {}
