@@ -296,7 +296,7 @@ class _WorkerSource(HostSource):
         try:
             self._it = iter(dl)
         except RuntimeError as e:  # persistent workers' restart: a dead or stuck worker
-            if not _from_workers(e):
+            if not (_from_workers(e) or "DataLoader timed out" in str(e)):
                 raise
             self._it = getattr(dl, "_iterator", None)
             raise self._fail(e, _death_of(self._it)) from e
