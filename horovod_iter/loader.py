@@ -271,6 +271,7 @@ class DistributedLoader:
         self.device_transform = device_transform
         #: seconds a rank waits for the others (and for its DataLoader workers); None: no limit
         self.sync_timeout = None if timeout is None else float(timeout)
+        self._source.bound_reads(self.sync_timeout)
         self.progress = bool(progress)
         self.log_stats = bool(log_stats)
         self._device_arg = device

@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .backend import DEFAULT_TIMEOUT, get_backend
 from .canonical import Layout, check_world, merge_key, merge_offsets, stream_pieces, window_labels
-from .errors import SampleError, ShardingError
+from .errors import DataTimeoutError, SampleError, ShardingError
 from .permutation import permute
 from .remote import ShardCache, default_cache_dir, is_remote, local_path
 
@@ -333,8 +333,8 @@ class ShardedDataset(IterableDataset[Any]):
             if start and self._seeks:
                 return iter(self.read(where, start=start))
             return itertools.islice(iter(self.read(where)), start, None)
-        except ShardingError:
-            raise
+        except (ShardingError, DataTimeoutError):
+            raise  # our own errors name the URL already
         except Exception as e:
             raise self._read_error(shard, start, e) from e
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 from torch.utils.data import DataLoader
 
+from .backend import DEFAULT_TIMEOUT
 from .batching import LengthGroupedBatchSampler, batch_sampler_batches
 from .errors import ShardingError
 from .fetch import (
@@ -61,6 +62,7 @@ from .mixing import MixedDataset, MixedStream
 from .plan import steps_for
 from .protocols import CanonicalLayout, ElasticState, Fingerprinted, Stateful
 from .sampler import Cursor, DistributedSampler
+from .sharded import ShardedDataset
 
 __all__ = ["Collect", "Deal", "Source", "choose_source", "digest"]
 
@@ -132,6 +134,9 @@ class Source(ABC):
         """An epoch a framework set on the object the loader exposes (Lightning sets
         ``loader.sampler``'s), if it differs from what the loader gave it."""
         return None
+
+    def bound_reads(self, timeout: float | None) -> None:  # noqa: B027 - optional hook
+        """Bound the data's own reads (shard downloads) by the loader's ``timeout``."""
 
     def world_moved(self, deal: Deal) -> bool:
         """The backend's world is not the one this source laid its epoch out for (a
@@ -398,6 +403,16 @@ class _IterableSource(Source):
                             "__len__ is unknown; give the dataset a __len__ (this rank's "
                             "samples) or use a map-style dataset") from None
         return steps_for(n, deal.batch, deal.drop_last)
+
+    def bound_reads(self, timeout: float | None) -> None:
+        """Bound the shard downloads of `ShardedDataset`s left at the default timeout by
+        the loader's (a little less: with workers, the DataLoader's own wait must not fire
+        first, its error does not name the URL)."""
+        parts = self.dataset.sources if isinstance(self.dataset, MixedStream) else [
+            self.dataset]
+        for d in parts:
+            if isinstance(d, ShardedDataset) and d.timeout == DEFAULT_TIMEOUT:
+                d.timeout = None if timeout is None else 0.9 * timeout
 
     def fingerprint(self) -> dict[str, Any]:
         own = _dataset_id(self.dataset)

@@ -487,11 +487,12 @@ def test_a_download_that_stalls_midway_is_our_error_and_a_slow_one_is_not(tmp_pa
     stuck = Trickle(2, 0.0, stall=True)
     try:
         ds = hi.ShardedDataset([stuck.url], sizes, cache_dir=str(tmp_path / "c"), timeout=2)
-        with pytest.raises(hi.SampleError, match="the download made no progress in 2 s") as e:
+        with pytest.raises(hi.DataTimeoutError, match="the download made no progress in 2 s") \
+                as e:
             list(ds)
     finally:
         stuck.close()
-    assert stuck.url in str(e.value) and isinstance(e.value.__cause__, hi.DataTimeoutError)
+    assert stuck.url in str(e.value)
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]
 
 
