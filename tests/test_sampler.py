@@ -410,7 +410,7 @@ def test_a_rank_dependent_generator_gives_each_rank_another_seed():
 def test_generator_arguments_and_resume():
     with pytest.raises(ValueError, match="pass seed or generator, not both"):
         hi.DistributedSampler(10, 1, 0, seed=3, generator=gen(1))
-    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator"):
         hi.DistributedSampler(10, 1, 0, generator=1)
     s = hi.DistributedSampler(100, 1, 0, generator=gen(7))
     it = iter(s)
@@ -419,7 +419,7 @@ def test_generator_arguments_and_resume():
     again = hi.DistributedSampler(100, 1, 0, generator=gen(7))
     again.load_state_dict(state)
     assert head + list(again) == list(hi.DistributedSampler(100, 1, 0, generator=gen(7)))
-    with pytest.raises(ValueError, match="drew seed=.* from its generator; seed the generator"):
+    with pytest.raises(ValueError, match=r"drew seed=.* from its generator; seed the generator"):
         hi.DistributedSampler(100, 1, 0, generator=gen(8)).load_state_dict(state)
 
 
