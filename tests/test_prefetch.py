@@ -190,3 +190,306 @@ def test_cuda_device_transform_is_ordered_after_the_copy_and_before_use():
         assert x.dtype == torch.float32 and torch.equal(x[:, 0, 0, 0].cpu(), want), step
         del poison
     torch.cuda.synchronize()
+
+
+# ---- the CUDA path's bookkeeping, on CPU: a fake of its CUDA calls (prefetch._CudaOps) ---------
+# Order of errors, the memory bound, the stall figure, pinning and static buffers are plain
+# Python over these calls; the CUDA semantics themselves are tested in tests/test_cuda_*.py.
+
+class FakeEvent:
+    def __init__(self, ops: FakeOps, stream: FakeStream, t: float) -> None:
+        self.ops, self.stream, self.t = ops, stream, t
+        self.done = ops.gpu_keeps_up
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.ops.log.append(("synchronize", self.stream.name, self.stream.events.index(self)))
+        for e in self.stream.events:  # a stream completes in order
+            e.done = True
+            if e is self:
+                break
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+class FakeStream:
+    def __init__(self, ops: FakeOps, name: str) -> None:
+        self.ops, self.name, self.events = ops, name, []
+
+    def wait_event(self, event: FakeEvent) -> None:
+        self.ops.log.append(("wait_event", self.name, event.stream.name))
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.ops.log.append(("wait_stream", self.name, other.name))
+
+
+class FakeOps:
+    """Tensors with ``on_gpu = True`` are "on the device"; copies clone and mark."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, gpu_keeps_up: bool = True, fail: dict | None = None,
+                 times: dict | None = None) -> None:
+        self.gpu_keeps_up = gpu_keeps_up
+        self.fail = fail or {}  # what -> the batch (copy number) at which it raises
+        self.times = times or {}  # (stream name, event number) -> GPU time of the event
+        self.log: list = []
+        self.stream = FakeStream(self, "side")
+        self.consumer = FakeStream(self, "consumer")
+        self.producer_stream = FakeStream(self, "producer")
+        self.copies = 0
+        self.alive_at_copy: list[int] = []  # device batches that may be alive at each copy
+
+    def current(self):
+        return self.consumer
+
+    def side(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def record(self, stream):
+        event = FakeEvent(self, stream, self.times.get((stream.name, len(stream.events)), 0.0))
+        stream.events.append(event)
+        self.log.append(("record", stream.name, len(stream.events) - 1))
+        return event
+
+    def on_gpu(self, t):
+        return getattr(t, "on_gpu", False)
+
+    def producer(self, t):
+        return self.producer_stream
+
+    def ours(self, t):
+        return True
+
+    def record_stream(self, t, stream):
+        self.log.append(("record_stream", stream.name, int(t.flatten()[0])))
+
+    def needs_pin(self, t):
+        return not self.on_gpu(t) and not getattr(t, "pinned", False)
+
+    def pin(self, t):
+        if self.fail.get("pin") == self.copies:
+            raise RuntimeError(f"pin failed at {self.copies}")
+        self.log.append(("pin", int(t.flatten()[0])))
+        out = t.clone()
+        out.pinned = True
+        return out
+
+    def copy(self, t):
+        if self.on_gpu(t):
+            return t
+        if self.fail.get("copy") == self.copies:
+            raise RuntimeError(f"copy failed at {self.copies}")
+        # batches whose memory may be in use: the GPU has passed hand-out k, so the steps
+        # before it are done, and the trainer let go of batch k - 1 when k was handed out
+        # (we are in a later hand-out: its own mark comes after this copy): k on are alive
+        passed = [i for i, e in enumerate(self.consumer.events) if e.done]
+        self.alive_at_copy.append(self.copies + 1 - (passed[-1] if passed else 0))
+        self.copies += 1
+        out = t.clone()
+        out.on_gpu = True
+        self.log.append(("copy", int(t.flatten()[0])))
+        return out
+
+    def empty_like(self, t):
+        out = torch.empty_like(t)
+        out.on_gpu = True
+        return out
+
+    def copy_into(self, out, t):
+        out.copy_(t)
+
+    def push(self, name):
+        self.log.append(("push", name))
+
+    def pop(self):
+        self.log.append(("pop",))
+
+
+class FakePrefetcher(hi.CudaPrefetcher):
+    def __init__(self, iterable, ops: FakeOps, depth=2, pin_memory=True, static_buffers=False,
+                 device_transform=None):
+        super().__init__(iterable, device="cpu", depth=depth, device_transform=device_transform)
+        self.fake = ops
+        self.pin_memory = pin_memory
+        self.static_buffers = static_buffers
+
+    def _ops(self):
+        return self.fake
+
+
+def values(batches):
+    return [int(b.flatten()[0]) for b in batches]
+
+
+def drain(it):
+    """Batches until the first error (returned with them) or the end."""
+    got = []
+    while True:
+        try:
+            got.append(next(it))
+        except StopIteration:
+            return got, None
+        except Exception as e:
+            return got, e
+
+
+@pytest.mark.parametrize("what", ["source", "pin", "copy", "transform"])
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_cuda_path_error_arrives_at_its_step_after_the_batches_before_it(what, depth):
+    """Row 6: an error of the source, of pinning, copying or device_transform at batch 3 is
+    raised by the 4th next(), after batches 0-2, whatever the depth; then the pass ends."""
+    closed = []
+
+    def gen():
+        try:
+            for i in range(8):
+                if what == "source" and i == 3:
+                    raise KeyError("source failed at 3")
+                yield torch.full((2,), i)
+        finally:
+            closed.append(True)
+
+    def transform(b):
+        if what == "transform" and int(b[0]) == 3:
+            raise ValueError("transform failed at 3")
+        return b
+
+    ops = FakeOps(fail={what: 3})
+    pf = FakePrefetcher(gen(), ops, depth=depth, device_transform=transform)
+    it = iter(pf)
+    got, error = drain(it)
+    assert values(got) == [0, 1, 2]
+    assert error is not None and "at 3" in str(error)
+    with pytest.raises(StopIteration):
+        next(it)
+    assert pf.batches == 3
+    pf.close()
+    assert closed == [True]
+    pushes = [e for e in ops.log if e[0] == "push"]
+    assert len(pushes) == sum(1 for e in ops.log if e[0] == "pop")  # NVTX ranges balanced
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 4])
+def test_device_memory_bound_whatever_the_hosts_lead(depth):
+    """Row 3: a GPU that never catches up by itself (a host far ahead): before each device
+    batch is made, the host waits for the hand-out depth+1 before it, so at most depth+2
+    batches can be alive; a GPU that keeps up is never waited for."""
+    ops = FakeOps(gpu_keeps_up=False)
+    pf = FakePrefetcher([torch.full((2,), i) for i in range(30)], ops, depth=depth)
+    assert values(pf) == list(range(30))
+    assert max(ops.alive_at_copy) <= depth + 2
+    waited = [e[2] for e in ops.log if e[0] == "synchronize"]
+    assert waited == list(range(30 - depth - 1))  # hand-out j-depth-1 before batch j
+    assert pf.throttle_s >= 0 and pf.host_wait_s >= 0
+
+    fast = FakeOps(gpu_keeps_up=True)
+    assert values(FakePrefetcher([torch.full((2,), i) for i in range(30)], fast,
+                                 depth=depth)) == list(range(30))
+    assert not any(e[0] == "synchronize" for e in fast.log)
+
+
+def test_device_wait_counts_the_stalls_the_gpu_has_passed():
+    """Row 8: the consumer stream's stall at a batch's ready event is its ready time minus
+    the time the consumer reached the hand-out (0 if the batch was ready first)."""
+    times = {}
+    for i in range(6):
+        times[("side", i)] = 10.0 * i + 5              # batch i ready at 10i + 5
+        times[("consumer", i)] = 10.0 * i + (3 if i % 2 else 7)  # odd: 2 s early
+    ops = FakeOps(times=times)
+    pf = FakePrefetcher([torch.full((2,), i) for i in range(6)], ops, depth=2)
+    assert values(pf) == list(range(6))
+    assert pf.device_wait_s == pytest.approx(3 * 2.0)
+    assert pf.wait_s == pytest.approx(pf.host_wait_s + pf.device_wait_s)
+
+    pending = FakeOps(gpu_keeps_up=False, times=times)  # the GPU has passed nothing yet
+    pf = FakePrefetcher([torch.full((2,), i) for i in range(6)], pending, depth=2)
+    it = iter(pf)
+    next(it), next(it)
+    assert pf.device_wait_s == 0.0
+
+
+def test_gpu_resident_batch_waits_for_its_producer_and_is_recorded_on_the_side_stream():
+    """Row 1: a batch already on the GPU: the side stream waits for the producer's stream
+    before its transform runs, records the inputs' use on the side stream, and the consumer
+    waits for the batch's event; only CPU leaves are pinned and copied (row 2)."""
+    def batch(i):
+        x = torch.full((2,), i)
+        x.on_gpu = True
+        return {"x": x, "y": torch.full((3,), 100 + i)}
+
+    seen = []
+
+    def transform(b):
+        ops.log.append(("transform", int(b["x"][0])))
+        seen.append(b["x"])
+        return b
+
+    ops = FakeOps()
+    got = list(FakePrefetcher([batch(i) for i in range(3)], ops, depth=1,
+                              device_transform=transform))
+    assert [int(b["x"][0]) for b in got] == [0, 1, 2]
+    log = ops.log
+    for i in range(3):
+        wait = log.index(("wait_stream", "side", "producer"), log.index(("pin", 100 + i)))
+        assert log.index(("record_stream", "side", i)) > wait
+        assert log.index(("transform", i)) > log.index(("record_stream", "side", i))
+    assert ("pin", 0) not in log and ("copy", 0) not in log  # the GPU leaf stays as it is
+    assert [e for e in log if e[0] == "wait_event"] == [("wait_event", "consumer", "side")] * 3
+
+
+def test_static_buffers_hand_out_the_same_tensors_and_reject_another_shape_at_its_step():
+    """Row 10: static_buffers: every batch lands in the same tensors (valid until the next
+    step); a batch of another shape is an error at its own step."""
+    src = [torch.full((4,), i) for i in range(5)] + [torch.full((3,), 5)]
+    pf = FakePrefetcher(src, FakeOps(), depth=2, static_buffers=True)
+    it = iter(pf)
+    ptrs, seen = set(), []
+    for _ in range(5):
+        b = next(it)
+        ptrs.add(b.data_ptr())
+        seen.append(int(b[0]))
+    assert len(ptrs) == 1 and seen == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"static_buffers=True.*drop_last=True"):
+        next(it)
+
+
+def test_resolve_device_uses_the_local_rank(monkeypatch):
+    """Row 9: device=None is this rank's GPU (local_rank % device count) under CUDA."""
+    from horovod_iter.prefetch import resolve_device
+
+    assert resolve_device(None, local_rank=3) == torch.device("cpu")  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device(None, local_rank=5) == torch.device("cuda", 1)
+    assert resolve_device(None, local_rank=2) == torch.device("cuda", 2)
+    assert resolve_device(None) == torch.device("cuda", 0)
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 0)  # torch's rule
+    assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
+    with pytest.raises(ValueError, match="local_rank must be an int >= 0"):
+        resolve_device(None, local_rank=-1)
+
+
+def test_side_stream_is_made_once_per_device_off_ncclss_pool(monkeypatch):
+    """Row 7: one stream per device for the process, made once (not per pass), from torch's
+    high-priority pool (ProcessGroupNCCL draws from the default-priority one)."""
+    from horovod_iter import prefetch
+
+    made = []
+
+    class Stream:
+        def __init__(self, device, priority=0):
+            made.append((device, priority))
+
+    monkeypatch.setattr(prefetch, "_side_streams", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    a = prefetch._side_stream(torch.device("cuda", 0))
+    assert prefetch._side_stream(torch.device("cuda", 0)) is a
+    b = prefetch._side_stream(torch.device("cuda", 1))
+    assert b is not a and [p for _, p in made] == [-1, -1]
