@@ -8,7 +8,9 @@
   ours written again once nothing refers to it (`_reuse`). Warm pages make the gather faster.
 * datasets with ``__getitems__`` get the whole index list, as torch's DataLoader does;
   others are read sample by sample.
-* with the default collate and a CUDA target, tensors are stacked straight into pinned memory.
+* with the default collate and a CUDA target, CPU tensors are stacked straight into pinned
+  memory; tensors already on a GPU (a GPU-resident dataset) are stacked where they are (only
+  CPU memory can be pinned).
 
 A failure names the rank and the index (and which sample's structure differs from the first).
 """
@@ -26,15 +28,21 @@ from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
 
 from . import _reuse
-from ._tree import tree_structure
+from ._tree import tree_map, tree_structure
 from .errors import SampleError
 
-__all__ = ["BatchFetcher", "pinned_collate"]
+__all__ = ["BatchFetcher", "pin_leaves", "pinned_collate"]
+
+_torch_tensor_collate = default_collate_fn_map[torch.Tensor]
 
 
 def _pinned_tensor_collate(batch: Sequence[torch.Tensor], *,
                            collate_fn_map: dict | None = None) -> torch.Tensor:
+    if any(t.device.type != "cpu" for t in batch):  # a GPU-resident dataset: torch's stack
+        return _torch_tensor_collate(batch, collate_fn_map=collate_fn_map)
     elem = batch[0]
+    # a new block of torch's caching host allocator for every batch: it is not handed out
+    # again before the copy to the GPU that reads it has finished (never refilled in flight)
     out = torch.empty((len(batch), *elem.shape), dtype=elem.dtype, pin_memory=True)
     return torch.stack(list(batch), 0, out=out)
 
@@ -43,8 +51,20 @@ _PINNED_MAP = {**default_collate_fn_map, torch.Tensor: _pinned_tensor_collate}
 
 
 def pinned_collate(batch: list[Any]) -> Any:
-    """``default_collate``, but tensors are stacked straight into pinned memory."""
+    """``default_collate``, but CPU tensors are stacked straight into pinned memory (tensors
+    on a GPU are stacked there, as ``default_collate`` does)."""
     return _collate(batch, collate_fn_map=_PINNED_MAP)
+
+
+def _pin_leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
+
+
+def pin_leaves(batch: Any) -> Any:
+    """``batch`` with its CPU tensors pinned (copied into pinned memory unless they are
+    already) and every other leaf as it is: a tensor already on a GPU stays there, where
+    torch's ``pin_memory()`` (the DataLoader's ``pin_memory=True``) raises for it."""
+    return tree_map(_pin_leaf, batch)
 
 
 def _first_odd_sample(samples: Sequence[Any]) -> tuple[int, Any, Any] | None:

@@ -47,7 +47,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ._tree import ErrorBox, batch_rows, empty_like, fill_rows, first_rows, host_bytes
+from ._tree import ErrorBox, batch_rows, empty_like, fill_rows, first_rows, host_bytes, tree_map
 from .backend import AsyncHandle, Backend
 from .errors import ConfigMismatchError, RankFailureError, SampleError, UnevenDataError
 
@@ -363,8 +363,10 @@ class EndOfDataSync(Iterator[Any]):
         """Keep what a padding batch is made from (a copy: the trainer may change the batch
         it gets, e.g. pop a key), only where one may be needed."""
         if self._template is None and self.uneven == "pad":
-            self._template = (empty_like(batch) if self._even_rows is None
-                              else first_rows(batch, 1))
+            # one row copied, never a view of the batch: a zero-row slice would keep the
+            # whole batch's memory (on the GPU, for GPU-resident data) alive for the pass
+            row = first_rows(batch, 1)
+            self._template = empty_like(row) if self._even_rows is None else row
 
     def _even(self, batch: Any, s: int) -> Any:
         """``batch`` filled to ``even_rows`` rows with copies of a real row, then marked."""
@@ -489,7 +491,8 @@ class EndOfDataSync(Iterator[Any]):
             self._wait_oldest()
         self._issue(_TEMPLATE)
         self._wait_oldest()
-        mine = self._template
+        # on the CPU: a CUDA template would be unpickled onto that device index on every rank
+        mine = None if self._template is None else tree_map(lambda t: t.cpu(), self._template)
         try:
             gathered = self.backend.allgather_object(
                 mine, timeout=self.timeout,

@@ -493,3 +493,33 @@ def test_side_stream_is_made_once_per_device_off_ncclss_pool(monkeypatch):
     assert prefetch._side_stream(torch.device("cuda", 0)) is a
     b = prefetch._side_stream(torch.device("cuda", 1))
     assert b is not a and [p for _, p in made] == [-1, -1]
+
+
+def test_pinned_collate_and_pin_leaves_leave_non_cpu_tensors_where_they_are():
+    """Row 2: only CPU memory can be pinned: a GPU-resident dataset's samples are stacked on
+    their device, and pin_leaves passes them through (meta tensors stand in for CUDA ones)."""
+    from horovod_iter.gather import pin_leaves, pinned_collate
+
+    samples = [(torch.empty(3, device="meta"), "a") for _ in range(4)]
+    batch = pinned_collate(samples)
+    assert batch[0].device.type == "meta" and batch[0].shape == (4, 3)
+    assert list(batch[1]) == ["a"] * 4
+    x = torch.empty(2, device="meta")
+    out = pin_leaves({"x": x, "tag": "t", "n": 3})
+    assert out["x"] is x and out["tag"] == "t" and out["n"] == 3
+
+
+def test_pad_template_keeps_one_row_not_the_batch():
+    """Row 10: the padding template is a copy of one row, not a zero-row view that would keep
+    the whole first batch's memory alive for the pass."""
+    from horovod_iter.sync import EndOfDataSync
+
+    backend = hi.init("local")
+    big = {"x": torch.zeros(1000, 10), "y": torch.arange(1000)}
+    sync = EndOfDataSync(iter([big]), backend, uneven="pad", num_batches=1)
+    assert next(sync) is big
+    template = sync._template
+    assert template["x"].shape == (0, 10) and template["y"].shape == (0,)
+    assert template["x"].untyped_storage().nbytes() <= 10 * 4
+    assert template["y"].untyped_storage().nbytes() <= 8
+    sync.close()
