@@ -18,6 +18,12 @@ one batch ahead of the training step, and the loader cannot see that by itself:
 Data with ``len()`` (map-style, ``ShardedDataset(sizes=)``, the canonical layout) needs neither:
 Lightning fetches nothing ahead, and the callback changes nothing for it.
 
+Every ``Trainer`` gets the callback without user code: horovod_iter registers `callbacks` under
+Lightning's entry point for external callbacks (``lightning.pytorch.callbacks_factory``;
+``pytorch_lightning.callbacks_factory`` for the older package), so adding it by hand is only
+needed where entry points are not installed (running from a source tree). A second instance
+does nothing more: the hooks are idempotent.
+
 Limits: the count is the epoch's, so a loader that Lightning restarts within an epoch (a
 shorter one in ``CombinedLoader(mode="max_size_cycle")``) is not followed; with a
 ``training_step(dataloader_iter)`` your step takes the batches itself and nothing is reported.
@@ -33,7 +39,9 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
@@ -49,7 +57,9 @@ except ImportError:  # the package's older name
         Trainer,
     )
 
-__all__ = ["LoaderProgress", "train_loaders"]
+__all__ = ["LoaderProgress", "callbacks", "pytorch_lightning_callbacks", "train_loaders"]
+
+log = logging.getLogger("horovod_iter")
 
 
 def _leaves(obj: Any) -> Iterator[Any]:
@@ -81,28 +91,65 @@ def _set_consumed(loader: DistributedLoader, steps: int) -> None:
         pass_.ahead = lambda p=pass_: max(0, p.steps - steps)
 
 
-class LoaderProgress(Callback):
-    """Keep the `DistributedLoader` objects of ``trainer.fit()`` in step with the trainer: the
-    epoch it runs and the batches its training step used (see the module's docstring). Add it
-    to ``Trainer(callbacks=[...])`` when a training loader's data has no ``len()``."""
+class _Hooks:
+    """The hooks, for either package's ``Callback`` (see `LoaderProgress`)."""
+
+    _step_takes_iterator = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_takes_iterator = _takes_iterator(pl_module)
         # the epoch FitLoop passes to set_epoch at the start of the epoch it is about to run
         epoch = int(cast(Any, trainer.fit_loop.epoch_progress.current).processed)
-        moved = False
-        for loader in train_loaders(trainer):
-            if loader.epoch != epoch:
-                loader.set_epoch(epoch)
-                moved = True
-        if moved:
-            _restart_fetch(trainer)
+        moved = [loader for loader in train_loaders(trainer) if loader.epoch != epoch]
+        for loader in moved:
+            loader.set_epoch(epoch)
+        if any(not _has_len(loader) for loader in moved):  # Lightning fetched ahead
+            _restart_fetch(trainer, epoch)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if _takes_iterator(pl_module):
+        if self._step_takes_iterator:
             return  # the step takes its batches itself: every batch handed out is used
         for loader in train_loaders(trainer):
             _set_consumed(loader, batch_idx + 1)
+
+
+class LoaderProgress(_Hooks, Callback):
+    """Keep the `DistributedLoader` objects of ``trainer.fit()`` in step with the trainer: the
+    epoch it runs and the batches its training step used (see the module's docstring).
+    Registered for every ``Trainer`` through Lightning's entry point; add it to
+    ``Trainer(callbacks=[...])`` yourself where horovod_iter is not installed."""
+
+
+def callbacks() -> list[Callback]:
+    """Lightning's ``lightning.pytorch.callbacks_factory`` entry point: the callbacks every
+    ``Trainer`` gets (nothing happens without a `DistributedLoader` among its loaders)."""
+    return [LoaderProgress()]
+
+
+def pytorch_lightning_callbacks() -> list[Any]:
+    """The ``pytorch_lightning.callbacks_factory`` entry point (the package's older name: its
+    own ``Callback`` class)."""
+    return [_pytorch_lightning_class()()]
+
+
+@functools.lru_cache(maxsize=1)
+def _pytorch_lightning_class() -> type:
+    import pytorch_lightning as pl
+
+    if issubclass(LoaderProgress, pl.Callback):
+        return LoaderProgress
+    return type("LoaderProgress", (_Hooks, pl.Callback),
+                {"__doc__": LoaderProgress.__doc__, "__module__": __name__})
+
+
+def _has_len(loader: DistributedLoader) -> bool:
+    """Lightning fetches ahead of the training step only from loaders without ``len()``."""
+    try:
+        len(loader)
+    except (TypeError, NotImplementedError):  # what Lightning's sized_len catches
+        return False
+    return True
 
 
 def _takes_iterator(pl_module: LightningModule) -> bool:
@@ -113,15 +160,16 @@ def _takes_iterator(pl_module: LightningModule) -> bool:
         return False
 
 
-def _restart_fetch(trainer: Trainer) -> None:
+def _restart_fetch(trainer: Trainer, epoch: int) -> None:
     """Make Lightning iterate its training loaders again (it fetched the first batch before it
     set the epoch). Lightning has no public call for this: its fit loop's data fetcher."""
     fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
     if fetcher is None or not hasattr(fetcher, "combined_loader"):
         warnings.warn(
-            "LoaderProgress: this Lightning version has no fit_loop._data_fetcher; a loader "
-            "over data without len() starts this fit's first epoch with the order of the "
-            "epoch it was in; give the data a len() (ShardedDataset(sizes=)) to avoid it",
+            f"LoaderProgress: this Lightning version has no fit_loop._data_fetcher, so the "
+            f"first batch of epoch {epoch} is one Lightning fetched before it set the epoch "
+            "(data without len()); give the data a len() (ShardedDataset(sizes=)) to avoid it",
             RuntimeWarning, stacklevel=2)
         return
+    log.debug("LoaderProgress: epoch %d; Lightning's fetch restarted", epoch)
     iter(fetcher)
