@@ -272,7 +272,10 @@ class EndOfDataSync(Iterator[Any]):
             handle = self.backend.allreduce_async(torch.tensor(msg, dtype=torch.int64), "min",
                                                   name=name)
         except RankFailureError as e:  # a rank died: say where we were
+            own = self._own_error()
             self.abandon()
+            if own is not None:  # this rank's data failed first: that is the story to tell
+                raise own from e
             e.args = (f"{e} (while sending {_KINDS[kind]} of step {step})",)
             raise
         self._inflight.append((kind, step, handle))
@@ -285,8 +288,11 @@ class EndOfDataSync(Iterator[Any]):
             res = handle.wait(self.timeout, what=f"the other ranks at {_KINDS[kind]} of step "
                               f"{step} (pass {self.serial}; this rank is at step "
                               f"{self._step})").tolist()
-        except RankFailureError:
+        except RankFailureError as e:
+            own = self._own_error()
             self.abandon()  # the world is gone: nothing in flight will complete
+            if own is not None:  # the others ended because of this rank's own error
+                raise own from e
             raise
         finally:
             self.wait_s += time.perf_counter() - t0
@@ -314,6 +320,14 @@ class EndOfDataSync(Iterator[Any]):
         self._first_failed = min(self._first_failed, res[_FAILED_AT])
         self._every = max(1, min(_MAX_BEAT if self.num_batches is not None else _MAX_EVERY,
                                  res[_EVERY]))
+
+    def _own_error(self) -> BaseException | None:
+        """The error this rank's data raised and has not handed out yet: when the others
+        are gone (Horovod shut down after they saw this rank end), it is the one to raise,
+        so that the shard or URL that failed appears in this rank's log."""
+        if not self._failed:
+            return None
+        return next((b.exc for b in self._buffer if isinstance(b, ErrorBox)), None)
 
     def _explain_config(self) -> None:
         """Every rank saw the mismatch in the same message: gather the configs and say

@@ -5,6 +5,7 @@ process, on the thread world (N ranks as threads behind the real Backend)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -257,3 +258,34 @@ def test_row7_iterable_data_reshuffles_when_a_framework_sets_the_epoch_on_sample
         orders.append(flat(loader))
     assert len({tuple(o) for o in orders}) == 3
     assert all(sorted(o) == sorted(orders[0]) for o in orders)
+
+
+# -- issue 22 row 5: a rank whose data raised reports its own error -------------------------
+class Failing(IterableDataset):
+    """Rank 1's stream raises at its 7th item."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def __iter__(self):
+        for i in range(40):
+            if self.rank == 1 and i == 6:
+                raise OSError("shard s3://bucket/bad.tar is corrupt")
+            yield i
+
+
+def test_the_rank_whose_data_raised_reports_its_own_error_when_the_others_left_first():
+    """Under Horovod the other rank may see this rank's end and shut down before this rank
+    reaches the failed step: its next message fails, and it must still report its own
+    error (the shard that failed), not "Horovod has been shut down"."""
+    def fn(b):
+        loader = hi.DistributedLoader(Failing(b.rank), batch_size=2, backend=b, timeout=10)
+        for step, _ in enumerate(loader):
+            if b.rank == 0 and step == 1:
+                raise SystemExit("rank 0 leaves (as after Horovod's shutdown)")
+            if b.rank == 1:
+                time.sleep(0.2)
+
+    res = run_ranks(2, fn, timeout=60)
+    assert isinstance(res[1], hi.SampleError), repr(res[1])
+    assert "bad.tar" in str(res[1])
