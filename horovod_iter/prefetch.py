@@ -142,9 +142,9 @@ class _CudaOps:
     def side(self) -> AbstractContextManager[Any]:
         return torch.cuda.stream(self.stream)
 
-    def record(self, stream: Any) -> Any:
-        """A timing event recorded on ``stream`` (timing: the figures measure stalls)."""
-        event = torch.cuda.Event(enable_timing=True)
+    def record(self, stream: Any, timing: bool) -> Any:
+        """An event recorded on ``stream`` (``timing``: the stall figures read its time)."""
+        event = torch.cuda.Event(enable_timing=timing)
         event.record(stream)
         return event
 
@@ -322,7 +322,7 @@ class _PrefetchIterator(Iterator[Any]):
                 ops.pop()
         if self._static:
             self._check_layout(batch)
-        return batch, ops.record(ops.stream)
+        return batch, ops.record(ops.stream, timing=True)
 
     def _check_layout(self, batch: Any) -> None:
         """static_buffers: every batch must fit the buffers made for the first one."""
@@ -362,9 +362,9 @@ class _PrefetchIterator(Iterator[Any]):
         ops = self._ops
         assert ops is not None
         current = ops.current()
-        # marks the consumer's work queued before this hand-out: the memory bound waits for
-        # it, and the stall is measured from it to the batch's ready event
-        mark = ops.record(current)
+        # where the consumer stream stands before it waits: the stall is measured from here
+        # to the batch's ready event
+        before = ops.record(current, timing=True)
         current.wait_event(ready)  # a GPU-side wait: the host goes on
         for t in tree_leaves(batch):
             if ops.on_gpu(t) and ops.ours(t):
@@ -373,9 +373,13 @@ class _PrefetchIterator(Iterator[Any]):
                 ops.record_stream(t, current)
         if self._static:
             batch = self._into_static(batch, ops)
-        self._marks.append((self._handed, mark))
+        # the memory bound waits for this mark: once the GPU has passed it, the steps before
+        # this hand-out are done, and so is the allocator's event of the batch the trainer
+        # lets go of when this one is handed out (recorded right after this, with no work of
+        # ours in between)
+        self._marks.append((self._handed, ops.record(current, timing=False)))
         self._handed += 1
-        self._stalls.append((mark, ready))
+        self._stalls.append((before, ready))
         self.measure()
         return batch
 
@@ -395,8 +399,8 @@ class _PrefetchIterator(Iterator[Any]):
         waits."""
         stalls = self._stalls
         while stalls and stalls[0][1].query() and stalls[0][0].query():
-            mark, ready = stalls.popleft()
-            self._figures.device_wait_s += max(0.0, mark.elapsed_time(ready)) / 1e3
+            before, ready = stalls.popleft()
+            self._figures.device_wait_s += max(0.0, before.elapsed_time(ready)) / 1e3
 
     def close(self) -> None:
         """Drop batches in flight and close the source iterator (if it has ``close``)."""

@@ -205,7 +205,7 @@ class FakeEvent:
         return self.done
 
     def synchronize(self) -> None:
-        self.ops.log.append(("synchronize", self.stream.name, self.stream.events.index(self)))
+        self.ops.log.append(("synchronize", self.stream.name, self.stream.marks.index(self)))
         for e in self.stream.events:  # a stream completes in order
             e.done = True
             if e is self:
@@ -218,6 +218,7 @@ class FakeEvent:
 class FakeStream:
     def __init__(self, ops: FakeOps, name: str) -> None:
         self.ops, self.name, self.events = ops, name, []
+        self.marks = []  # the events without timing: the consumer's hand-out marks
 
     def wait_event(self, event: FakeEvent) -> None:
         self.ops.log.append(("wait_event", self.name, event.stream.name))
@@ -251,9 +252,13 @@ class FakeOps:
 
         return contextlib.nullcontext()
 
-    def record(self, stream):
-        event = FakeEvent(self, stream, self.times.get((stream.name, len(stream.events)), 0.0))
+    def record(self, stream, timing):
+        timed = [e for e in stream.events if e not in stream.marks]
+        event = FakeEvent(self, stream, self.times.get((stream.name, len(timed)), 0.0)
+                          if timing else 0.0)
         stream.events.append(event)
+        if not timing:
+            stream.marks.append(event)
         self.log.append(("record", stream.name, len(stream.events) - 1))
         return event
 
@@ -288,7 +293,7 @@ class FakeOps:
         # batches whose memory may be in use: the GPU has passed hand-out k, so the steps
         # before it are done, and the trainer let go of batch k - 1 when k was handed out
         # (we are in a later hand-out: its own mark comes after this copy): k on are alive
-        passed = [i for i, e in enumerate(self.consumer.events) if e.done]
+        passed = [i for i, e in enumerate(self.consumer.marks) if e.done]
         self.alive_at_copy.append(self.copies + 1 - (passed[-1] if passed else 0))
         self.copies += 1
         out = t.clone()
