@@ -528,3 +528,15 @@ def test_pad_template_keeps_one_row_not_the_batch():
     assert template["x"].untyped_storage().nbytes() <= 10 * 4
     assert template["y"].untyped_storage().nbytes() <= 8
     sync.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA it runs the whole GPU check")
+def test_gpu_check_script_says_there_is_no_gpu_and_exits_0():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "gpu_check.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
