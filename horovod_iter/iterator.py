@@ -14,7 +14,6 @@ import collections
 import dataclasses
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from . import backend as _backend
-from ._tree import caller_self, first_tensor
+from ._tree import first_tensor
 from .backend import Backend
 from .errors import OutOfRangeError
 from .fetch import HostSource
@@ -51,9 +50,9 @@ class Pass:
     positions: dict[int, Any] = dataclasses.field(default_factory=dict)
     #: iterable data: the saved dataset state this pass resumed from (positions are relative)
     base: Any = None
-    #: how many handed-out batches a consumer that fetches ahead of the trainer holds unused
-    #: (Lightning's prefetching fetcher, for data without len()); None: nobody does
-    ahead: Callable[[], int] | None = None
+    #: the batches of this pass the trainer really used, when a framework says so (it
+    #: fetched the others ahead: Lightning, for data without len()); None: all it took
+    used: int | None = None
     #: the last batches' (consumer, its previous position), to take them back
     history: collections.deque[Any] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=_HISTORY))
@@ -73,7 +72,7 @@ class Pass:
     def consumed(self) -> Pass:
         """The position as of the batches the trainer used: without those a fetch-ahead
         consumer holds (Lightning fetches one batch early when the data has no len())."""
-        k = self.ahead() if self.ahead is not None else 0
+        k = self.steps - self.used if self.used is not None else 0
         k = min(k, len(self.history), self.steps)
         if k <= 0:
             return self
@@ -89,7 +88,7 @@ class Pass:
             self.cursor.plan, max(0, self.cursor.slot - k * self.batch_size))
         return dataclasses.replace(self, steps=self.steps - k, finished=False, cursor=cursor,
                                    samples=max(0, self.samples - k * self.batch_size),
-                                   positions=positions, ahead=None,
+                                   positions=positions, used=None,
                                    history=collections.deque(maxlen=_HISTORY))
 
 
@@ -128,22 +127,6 @@ class PassOptions:
 
 _MISSING = object()
 _HISTORY = 16  # batches that can be taken back (Lightning holds 1)
-_FETCHERS = {("lightning.pytorch.loops.fetchers", "_PrefetchDataFetcher"),
-             ("pytorch_lightning.loops.fetchers", "_PrefetchDataFetcher")}
-
-
-def fetching_ahead() -> Callable[[], int] | None:
-    """If a framework's fetch-ahead consumer is calling ``iter()`` on the loader (found in
-    the caller's frames, once per pass), a function giving how many batches it holds."""
-    fetcher = caller_self(
-        lambda obj: (type(obj).__module__, type(obj).__qualname__) in _FETCHERS,
-        {m for m, _ in _FETCHERS}, skip=3)
-    if fetcher is None:
-        return None
-    ref = weakref.ref(fetcher)
-    return lambda: len(getattr(ref(), "batches", None) or ())
-
-
 def _rows(batch: Any) -> int:
     """Rows in a batch: the first dimension of its first tensor (1 for a 0-dim one)."""
     t = first_tensor(batch)

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, Sampler
 from .backend import Backend, get_backend, init, is_provisional
 from .batching import RankBatches
 from .fetch import FetchOptions, HostSource
-from .iterator import DistributedIterator, Pass, PassOptions, fetching_ahead
+from .iterator import DistributedIterator, Pass, PassOptions
 from .loader_config import UNSET as _UNSET
 from .loader_config import Unset as _Unset
 from .loader_config import (
@@ -398,6 +398,7 @@ class DistributedLoader:
         if int(epoch) != self.epoch:
             self._pending = self._opening = self._pass = None
         self.epoch = int(epoch)
+        self._epoch_relay.requested = None
         self._source.set_epoch(self.epoch)
 
     def config(self) -> dict[str, Any]:
@@ -438,13 +439,11 @@ class DistributedLoader:
         # the position is now the new pass's start: the pending load (this iter() takes it,
         # torchdata's rule) or the epoch's beginning
         self._opening, self._pending, self._pass = self._pending, None, None
-        it = DistributedIterator(functools.partial(self._start, fetching_ahead()),
-                                 self.__len__)
+        it = DistributedIterator(self._start, self.__len__)
         self._active = weakref.ref(it)
         return it
 
-    def _start(self, ahead: Callable[[], int] | None
-               ) -> tuple[Pass, HostSource, PassOptions]:
+    def _start(self) -> tuple[Pass, HostSource, PassOptions]:
         """Begin the pass of the current epoch: from a pending load, else its start."""
         # a world change reloads the position, which abandons the pass in flight: not this
         # one, which is beginning
@@ -453,7 +452,9 @@ class DistributedLoader:
             self._follow_world()
         finally:
             self._active = starting
-        outside = self._source.epoch_set_outside()
+        outside = self._epoch_relay.requested
+        if outside is None:
+            outside = self._source.epoch_set_outside()
         if outside is not None and outside != self.epoch:
             # a framework set the epoch on loader.sampler (Lightning does): follow it
             self.set_epoch(outside)
@@ -470,7 +471,6 @@ class DistributedLoader:
                      steps=resume.steps if resume else 0,
                      samples=resume.samples if resume else 0)
         source = self._source.open(deal, opts, pass_, resume, self._workers)
-        pass_.ahead = ahead
         self._pass = pass_
         self._iterations += 1
         try:
@@ -494,6 +494,16 @@ class DistributedLoader:
         self._active = None
         if active is not None:
             active.close()
+
+    def set_consumed(self, steps: int) -> None:
+        """Say how many batches of the current pass the trainer really used, when a framework
+        fetches ahead of it (Lightning does for data without ``len()``; its callback
+        `horovod_iter.integrations.lightning.LoaderProgress` calls this): `state_dict()`
+        then leaves the others unconsumed."""
+        if not is_int(steps) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if self._pass is not None:
+            self._pass.used = int(steps)
 
     def close(self) -> None:
         """Close the pass in flight (its workers, streams and collectives) and stop the
@@ -588,20 +598,25 @@ class DistributedLoader:
 
 class _EpochRelay:
     """``loader.sampler`` of iterable data: a framework's ``set_epoch`` on it reaches the
-    loader (Lightning sets the epoch on ``dataloader.sampler`` only)."""
+    loader (Lightning sets the epoch on ``dataloader.sampler`` only). Like a sampler's
+    epoch, it applies to the next pass to start, never to the one in flight."""
 
     def __init__(self, loader: DistributedLoader) -> None:
         self._loader = weakref.ref(loader)
+        #: the epoch asked for, not yet taken by a pass (None: none asked)
+        self.requested: int | None = None
 
     @property
     def epoch(self) -> int:
+        if self.requested is not None:
+            return self.requested
         loader = self._loader()
         return loader.epoch if loader is not None else 0
 
     def set_epoch(self, epoch: int) -> None:
-        loader = self._loader()
-        if loader is not None:
-            loader.set_epoch(epoch)
+        if not is_int(epoch) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.requested = int(epoch)
 
     def __repr__(self) -> str:
         return "<the epoch of a DistributedLoader over iterable data>"

@@ -295,14 +295,11 @@ def test_the_older_package_name_gets_its_own_callback_class():
     assert isinstance(cb, pl.Callback) and type(cb).__name__ == "LoaderProgress"
 
 
-# -- for the lead: what loader.sampler.set_epoch must do to a pass in flight --------------------
+# -- loader.sampler.set_epoch during a pass of iterable data: the next pass's epoch ------------
 def read_range(shard, start=0):
     return iter(range(shard * 10 + start, shard * 10 + 8))
 
 
-@pytest.mark.xfail(strict=True, reason="_EpochRelay.set_epoch calls loader.set_epoch, which "
-                   "drops the position of the pass in flight; it should select the next "
-                   "pass's epoch, as a sampler's set_epoch does")
 def test_sampler_set_epoch_during_a_pass_of_iterable_data_keeps_its_position():
     """Lightning without the callback, data without len(), resumed from an epoch end: it
     fetches a batch of the old epoch, then sets the new one on loader.sampler, and trains

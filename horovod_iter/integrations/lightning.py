@@ -81,14 +81,7 @@ def train_loaders(trainer: Trainer) -> list[DistributedLoader]:
 
 def _set_consumed(loader: DistributedLoader, steps: int) -> None:
     """Tell ``loader`` the trainer used the first ``steps`` batches of its current epoch."""
-    report = getattr(loader, "set_consumed", None)
-    if callable(report):
-        report(steps)
-        return
-    # until DistributedLoader.set_consumed exists: the pass's count of held batches
-    pass_ = loader._pass
-    if pass_ is not None:
-        pass_.ahead = lambda p=pass_: max(0, p.steps - steps)
+    loader.set_consumed(steps)
 
 
 class _Hooks:
