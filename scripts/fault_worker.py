@@ -3,7 +3,13 @@
 argv[1] is a JSON config: fault, frank (the faulty rank), fstep (the step of the fault),
 data (list, tensor, custom, iterable, sharded), uneven, workers, timeout, n, epochs, out (the
 run's folder: reports, the fault's time, the shards), isolate (the other ranks ignore the
-launcher's SIGTERM, as ranks on other hosts would not get it: they must end by themselves).
+launcher's SIGTERM, as ranks on other hosts would not get it: they must end by themselves),
+step_s (the trainer's compute per step, default 2 ms).
+
+Across hosts (scripts/hosts.py), ``fhost`` names the faulty host instead of ``frank``: its
+first local rank is the faulty one. The host faults (host_kill, host_stop, host_partition) are
+done to the whole host by scripts/faults.py: at ``fstep`` that rank asks for it (the file
+``fault_request``) and waits until it is done (``fault.json``, written by faults.py).
 
 Each rank writes ``out/rank<r>.json`` (the ids it trained on per epoch, its error's type and
 time) and then ends as a real trainer would: an uncaught error propagates, so the exit path
@@ -15,6 +21,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -29,9 +36,18 @@ OUT = Path(cfg["out"])
 ARMED = OUT / "armed"  # the dataset faults fire once this file exists (seen by workers too)
 backend = hi.init()
 rank, world = backend.rank, backend.size
-faulty = rank == cfg["frank"]
+HOST = socket.gethostname()
+if cfg.get("fhost"):  # across hosts: the faulty host's first local rank
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("HOROVOD_LOCAL_RANK", "0")))
+    on_faulty_host = HOST == cfg["fhost"]
+    faulty = on_faulty_host and local == 0
+else:
+    faulty = on_faulty_host = rank == cfg["frank"]
 fault = cfg["fault"]
-if cfg.get("isolate") and not faulty:
+HOST_FAULTS = ("host_kill", "host_stop", "host_partition")
+# the ranks the fault hits: the faulty host's under a host fault, else the faulty rank
+hit = on_faulty_host if fault in HOST_FAULTS else faulty
+if cfg.get("isolate") and not hit:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -135,7 +151,14 @@ def inject(step: int) -> str | None:
     if fault in ("dataset_raise", "dataset_stall"):
         ARMED.write_text("1")
         return None
-    (OUT / "fault.json").write_text(json.dumps({"t": time.time(), "rank": rank, "step": step}))
+    if fault in HOST_FAULTS:  # done by faults.py to the whole host; wait until it is done
+        (OUT / "fault_request").write_text(json.dumps({"rank": rank, "step": step}))
+        deadline = time.time() + 30
+        while not (OUT / "fault.json").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        return None
+    (OUT / "fault.json").write_text(json.dumps({"t": time.time(), "rank": rank, "step": step,
+                                                "pid": os.getpid()}))
     if fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault == "stop":
@@ -161,14 +184,14 @@ def inject(step: int) -> str | None:
 def report(**fields) -> None:
     tmp = OUT / f".rank{rank}.tmp"
     tmp.write_text(json.dumps({"rank": rank, "world": world, "backend": backend.name,
-                               **fields}))
+                               "host": HOST, **fields}))
     tmp.rename(OUT / f"rank{rank}.json")
 
 
 def isolate_worker(worker_id: int) -> None:
     """The survivors' DataLoader workers ignore the launcher's SIGTERM too (on another host
     they would not get it; here it would end them before their rank noticed the fault)."""
-    if cfg.get("isolate") and not faulty:
+    if cfg.get("isolate") and not hit:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -191,7 +214,7 @@ def main() -> int:
                     if action:
                         break
                 step += 1
-                time.sleep(0.002)  # the trainer's compute
+                time.sleep(cfg.get("step_s", 0.002))  # the trainer's compute
             if action == "leave":  # this rank is done: it exits normally
                 report(error=None, ours=None, t_end=time.time(), seen=seen, left=True)
                 return 0
