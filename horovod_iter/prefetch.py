@@ -297,12 +297,9 @@ class _PrefetchIterator(Iterator[Any]):
                 # made on another stream: the side stream waits for it (wait_stream), and the
                 # allocator learns that the side stream uses it (record_stream), so its block
                 # is not given to the producer's next tensor while our work may still read it
-                producers: dict[int, Any] = {}
-                for t in gpu:
-                    s = ops.producer(t)
-                    producers.setdefault(id(s), s)
-                for s in producers.values():
-                    side.wait_stream(s)
+                producers = {t.device: ops.producer(t) for t in gpu}  # one per device
+                for producer in producers.values():
+                    side.wait_stream(producer)
                 for t in gpu:
                     if ops.ours(t):
                         ops.record_stream(t, side)
