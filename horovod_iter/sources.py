@@ -24,8 +24,6 @@ the canonical layout of streams (a state that is a count), and plain iterable da
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -64,7 +62,7 @@ from .protocols import CanonicalLayout, ElasticState, Fingerprinted, Stateful
 from .sampler import Cursor, DistributedSampler
 from .sharded import ShardedDataset
 
-__all__ = ["Collect", "Deal", "Source", "choose_source", "digest"]
+__all__ = ["Collect", "Deal", "Source", "choose_source"]
 
 #: gathers every rank's consumer positions (and the base they resumed from) into the
 #: dataset's state: a collective the loader provides
@@ -95,12 +93,6 @@ class Deal:
         return min(counts) if self.uneven == "stop" else max(counts)
 
 
-def digest(value: Any) -> str:
-    """A short, stable digest of a JSON-able value."""
-    blob = json.dumps(value, sort_keys=True, default=str).encode()
-    return hashlib.blake2b(blob, digest_size=8).hexdigest()
-
-
 def _dataset_id(dataset: Any) -> Any:
     """A dataset's own fingerprint (`Fingerprinted`: `MixedDataset`'s weights and lengths,
     `ShardedDataset`'s shard list), else ``None``."""
@@ -112,8 +104,6 @@ class Source(ABC):
 
     #: the data kind, saved in the state's fingerprint
     kind: ClassVar[str]
-    #: a saved position resumes on another world size
-    elastic: ClassVar[bool] = False
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -211,7 +201,6 @@ class SamplerSource(_MapSource):
     """Our `DistributedSampler`: O(1) resume, on any world size."""
 
     kind = "sampler"
-    elastic = True
 
     def __init__(self, dataset: Any, sampler: DistributedSampler) -> None:
         super().__init__(dataset)
@@ -280,7 +269,6 @@ class LengthGroupedSource(_MapSource):
     """Our `LengthGroupedBatchSampler`: resumes on any world size."""
 
     kind = "length_grouped"
-    elastic = True
 
     def __init__(self, dataset: Any, batch_sampler: LengthGroupedBatchSampler) -> None:
         super().__init__(dataset)
@@ -431,7 +419,8 @@ class StatefulSource(_IterableSource):
     kind = "stateful"
 
     @property
-    def elastic(self) -> bool:  # type: ignore[override]
+    def elastic(self) -> bool:
+        """Its consumers' states merge into one that resumes on any world."""
         return isinstance(self.dataset, ElasticState) and bool(self.dataset.elastic_state)
 
     def open(self, deal: Deal, opts: FetchOptions, pass_: Pass, resume: Resume | None,
@@ -492,7 +481,6 @@ class CanonicalSource(_IterableSource):
     `MixedStream`): the same global batches on any world; the state is a count."""
 
     kind = "canonical"
-    elastic = True
 
     def configure(self, deal: Deal) -> None:
         """Tell the dataset the global batch its steps are cut for."""
