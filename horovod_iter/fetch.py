@@ -698,6 +698,9 @@ def host_batches(dataset: Any, opts: FetchOptions, *,
                 workers[key] = dl
         dl.sampler.arrays = arrays  # type: ignore[attr-defined]
         return _WorkerSource(dl, count, opts.rank)
+    kwargs = _loader_kwargs(opts)
+    if not opts.num_workers:  # torch's pin_memory() refuses CUDA leaves: our prefetcher pins
+        kwargs["pin_memory"] = False  # the CPU ones of each batch itself
     batches = DataLoader(_IterableBatches(dataset, opts, resume), batch_size=None,
-                         collate_fn=_whole_batch, **_loader_kwargs(opts))
+                         collate_fn=_whole_batch, **kwargs)
     return _WorkerSource(batches, None, opts.rank, skip, tagged=True)

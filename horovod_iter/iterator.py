@@ -244,7 +244,11 @@ class DistributedIterator:
         p, s, mix = self._prefetcher, self._sync, self._opts.mix_stats
         return {
             "steps": self._steps, "samples": self._samples, "elapsed_s": elapsed,
-            "data_wait_s": p.wait_s, "input_bound_fraction": p.wait_s / elapsed if elapsed else 0.0,
+            "data_wait_s": p.wait_s,
+            # host and device waits may overlap in time
+            "input_bound_fraction": min(1.0, p.wait_s / elapsed) if elapsed else 0.0,
+            "device_wait_s": p.device_wait_s, "throttle_s": p.throttle_s,
+            "pinned_bytes": p.pinned_bytes,
             "sync_wait_s": s.wait_s, "h2d_bytes": p.h2d_bytes,
             "h2d_gbps": p.h2d_bytes / elapsed / 1e9 if elapsed else 0.0,
             "padded_steps": s.padded_steps,

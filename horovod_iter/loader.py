@@ -275,7 +275,8 @@ class DistributedLoader:
         self.progress = bool(progress)
         self.log_stats = bool(log_stats)
         self._device_arg = device
-        resolve_device(device)  # a bad or unavailable device fails here, not at the first batch
+        # a bad or unavailable device fails here, not at the first batch
+        resolve_device(device, self._backend.local_rank)
         self._pin_arg = pin_memory
         self.epoch = 0
         self._pending: Resume | None = None  # set by a load, taken by the next iter()
@@ -376,7 +377,7 @@ class DistributedLoader:
 
     @property
     def device(self) -> torch.device:
-        return resolve_device(self._device_arg)
+        return resolve_device(self._device_arg, self.backend.local_rank)
 
     @property
     def pin_memory(self) -> bool:
