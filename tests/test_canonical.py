@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from harness import launch
+from harness import launch, slow
 
 import horovod_iter as hi
 import horovod_iter.sharded as sharded
@@ -270,7 +270,7 @@ def test_real_launches_on_1_2_3_4_ranks_with_0_and_2_workers_give_the_same_globa
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher", ["horovod", "torch"])
+@pytest.mark.parametrize("launcher", ["horovod", slow("torch")])  # torchrun: test_mixing's
 def test_state_saved_on_rank_0_alone_resumes_on_another_world_exactly(launcher, tmp_path):
     (tmp_path / "d").mkdir()
     write_shards(tmp_path / "d", SIZES)
