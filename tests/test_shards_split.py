@@ -375,7 +375,7 @@ def test_a_pickled_dataset_reads_as_the_original(canonical: bool) -> None:
     assert again.state_dict() == ds.state_dict()
 
 
-# -- Hypothesis: the deal against the code before the split ----------------------------------------
+# -- Hypothesis: the deal against the code before the split -------------------------------------
 def ref_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
     if not shuffle or not n:
         return list(range(n))
@@ -488,7 +488,7 @@ def test_deal_merge_and_counts_as_before_the_split(data: st.DataObject, sizes: l
     same(got, ref_merge(n, seed, shuffle, epoch, states, consumers, base))
 
 
-# -- Hypothesis: every record exactly once across resume chains ---------------------------------------
+# -- Hypothesis: every record exactly once across resume chains --------------------------------
 @settings(deadline=None, max_examples=60)
 @given(sizes=st.lists(st.integers(0, 8), min_size=1, max_size=8), known=st.booleans(),
        seeks=st.booleans(), seed=st.integers(0, 9), interleave=st.integers(1, 4),
