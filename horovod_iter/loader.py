@@ -428,14 +428,13 @@ class DistributedLoader:
             self.load_state_dict(self.state_dict())
         else:
             self._source.move_world(deal)
-            if self._position() is None and self._gathered is not None:
+            if self._pending is None and self._gathered is not None:
                 self.load_state_dict(self._gathered)  # the last state every rank agreed on
-        if self._pending is not None:  # the pass beginning now resumes it
-            self._opening, self._pending = self._pending, None
 
     def __iter__(self) -> DistributedIterator:
         """A new pass. It starts at its first ``next()`` (torch's rule): an epoch set in
         between applies to it."""
+        self._follow_world()  # before the position of the pass in flight is let go
         self._close_pass()
         # the position is now the new pass's start: the pending load (this iter() takes it,
         # torchdata's rule) or the epoch's beginning
@@ -446,13 +445,6 @@ class DistributedLoader:
 
     def _start(self) -> tuple[Pass, HostSource, PassOptions]:
         """Begin the pass of the current epoch: from a pending load, else its start."""
-        # a world change reloads the position, which abandons the pass in flight: not this
-        # one, which is beginning
-        starting, self._active = self._active, None
-        try:
-            self._follow_world()
-        finally:
-            self._active = starting
         outside = self._epoch_relay.requested
         if outside is None:
             outside = self._source.epoch_set_outside()
