@@ -374,7 +374,7 @@ def run_host_case(case: HostCase, cluster: Any, timeout: float = 5.0, n: int = 4
     finally:
         for p in _tagged_pids(tag):  # the faulty host's too (frozen or cut off ones)
             with_suppressed_kill(p)
-        for h, proc in procs.items():
+        for proc in procs.values():
             with_suppressed_kill(proc.pid)
             try:
                 proc.wait(timeout=10)
@@ -391,7 +391,8 @@ def run_host_case(case: HostCase, cluster: Any, timeout: float = 5.0, n: int = 4
         rep = json.loads(f.read_text())
         reports[rep["rank"]] = rep
     fault_file = out / "fault.json"
-    t_fault = json.loads(fault_file.read_text())["t"] if fault_file.exists() else None
+    fired = json.loads(fault_file.read_text()) if fault_file.exists() else {}
+    t_fault = fired.get("t")
     if keep:
         (ROOT / "faults-last-output.txt").write_text(output)
     shutil.rmtree(out, ignore_errors=True)
@@ -419,7 +420,7 @@ def run_host_case(case: HostCase, cluster: Any, timeout: float = 5.0, n: int = 4
             return _verdict(res, "missing", f"{expected - len(survivors)} rank(s) on the other "
                             "hosts reported nothing", output)
     else:
-        frank = json.loads(fault_file.read_text()).get("rank")
+        frank = fired.get("rank")
         survivors = [r for r in range(case.world) if r != frank]
     worst = 0.0
     for r in survivors:
@@ -520,7 +521,8 @@ def host_matrix(hosts: int) -> list[HostCase]:
 def _control(res: Result, reports: dict[int, Any], n: int, output: str) -> Result:
     case = res.case
     if res.returncode != 0 or len(reports) != case.world:
-        return _verdict(res, "control_failed", f"exit {res.returncode}", output)
+        return _verdict(res, "control_failed", f"exit {res.returncode}, {len(reports)} "
+                        f"report(s), errors {res.errors}", output)
     for r, rep in reports.items():
         if rep.get("error") is not None:
             return _verdict(res, "control_failed", f"rank {r}: {rep['error']}", output)
@@ -648,6 +650,7 @@ def _main_hosts(a: argparse.Namespace, rng: random.Random) -> int:
     chosen = cells if a.all else [rng.choice(cells) for _ in range(a.runs)]
     results: list[Result] = []
     t0 = time.time()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # tear the hosts down
     with hosts.Cluster(a.hosts, name="hi-faults", subnet="10.77.0") as cluster:
         for i, cell in enumerate(chosen):
             case = dataclasses.replace(cell, fstep=rng.randrange(2, 40))
