@@ -3,7 +3,6 @@ choice of sampler. Kept apart so that `loader.py` is the composition and the pos
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -223,18 +222,24 @@ def _distributed(batch_sampler: Any) -> bool:
     return isinstance(inner, TorchDistributedSampler) and inner.num_replicas > 1
 
 
-def warn_foreign_world(backend: Backend) -> None:
-    """Warn when HF Accelerate, already set up in this process, sees another number of
-    processes than our backend (``accelerate launch`` under horovodrun: accelerate sees one
-    and synchronises no gradients, while our loader shards over the Horovod ranks)."""
-    state = sys.modules.get("accelerate.state")
-    shared = getattr(getattr(state, "PartialState", None), "_shared_state", None)
-    if not shared or backend.size == 1:
+def warn_foreign_world(backend: Backend, *, uneven: str | None = None,
+                       even_batches: bool = False,
+                       global_batch_size: int | None = None) -> None:
+    """At a loader's construction, what HF Accelerate set up in this process means for it
+    (nothing is read unless accelerate or transformers is loaded):
+
+    * warn when an ``Accelerator`` sees another number of processes than our backend
+      (``accelerate launch`` under horovodrun: it synchronises no gradients, while our
+      loader shards over the Horovod ranks);
+    * inside an HF ``Trainer`` method (with ``uneven`` given): refuse ``split_batches`` without
+      ``global_batch_size`` and evaluation of ``uneven="pad"`` without ``even_batches``
+      (see `horovod_iter.integrations.accelerate.check_trainer`)."""
+    if "accelerate.state" not in sys.modules or backend.size == 1:
         return
-    n = shared.get("num_processes")
-    if isinstance(n, int) and n != backend.size:
-        warnings.warn(
-            f"HF Accelerate sees {n} process(es) but horovod_iter's {backend.name} backend has "
-            f"{backend.size} ranks: accelerate will not synchronise gradients over them. Launch "
-            "with `accelerate launch --multi_gpu` or torchrun, or synchronise gradients "
-            "yourself (Horovod's DistributedOptimizer)", stacklevel=3)
+    from .integrations import accelerate
+
+    accelerate.warn_foreign_world(backend.size, backend.name, stacklevel=3)
+    if uneven is not None and "transformers.trainer" in sys.modules:
+        accelerate.check_trainer(world=backend.size, uneven=uneven,
+                                 even_batches=even_batches,
+                                 global_batch_size=global_batch_size)

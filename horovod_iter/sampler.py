@@ -18,6 +18,7 @@ a `Cursor` (a plan frozen at ``iter()`` plus the slots taken so far). Semantics:
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
@@ -26,8 +27,6 @@ import torch
 from torch.utils.data.distributed import DistributedSampler as _TorchDistributedSampler
 
 from . import backend as _backend
-from ._tree import caller_self
-from .errors import ShardingError
 from .plan import EpochPlan
 
 __all__ = ["Cursor", "DistributedSampler", "generator_seed", "is_int"]
@@ -132,42 +131,19 @@ class _SamplerIterator(Iterator[int]):
         return self._buf[self._i - 1]
 
 
-# (module, class) of the distributed wrappers that would shard our slice again, by what
-# they are to the user; checked when our sampler is iterated from inside one of them
-_RESHARDERS = {
-    ("accelerate.data_loader", "BatchSamplerShard"):
-        "accelerate's BatchSamplerShard (accelerator.prepare() of a DataLoader, also inside "
-        "HF transformers' Trainer)",
-    ("lightning.fabric.utilities.distributed", "_DatasetSamplerWrapper"):
-        "Lightning's DistributedSamplerWrapper",
-    ("pytorch_lightning.overrides.distributed", "_DatasetSamplerWrapper"):
-        "Lightning's DistributedSamplerWrapper",
-    ("lightning_fabric.utilities.distributed", "_DatasetSamplerWrapper"):
-        "Lightning's DistributedSamplerWrapper",
-    ("catalyst.data.dataset.torch", "DatasetFromSampler"): "catalyst's DistributedSamplerWrapper",
-}
+def _check_not_resharded(sampler: DistributedSampler) -> None:
+    """Raise `ShardingError` where a framework's wrapper would shard our slice again.
 
+    Only HF Accelerate builds such wrappers around a torch ``DistributedSampler``
+    (``accelerator.prepare()`` of its DataLoader): Lightning leaves any
+    ``DistributedSampler`` alone (``_requires_distributed_sampler``) and replaces the sampler
+    of a batch sampler instead of wrapping it. The check reads accelerate's public state, and
+    only once accelerate is loaded (`horovod_iter.integrations.accelerate`)."""
+    if "accelerate.data_loader" in sys.modules and sampler.num_replicas > 1:
+        from .integrations.accelerate import check_not_resharded
 
-def _resharded_by(sampler: DistributedSampler) -> str | None:
-    """What the distributed wrapper (of another world than 1) iterating ``sampler`` is to
-    the user, if one is (the caller's frames are inspected once per ``iter()``)."""
-    def resharder(obj: Any) -> bool:
-        if obj is sampler or isinstance(obj, DistributedSampler):
-            return False
-        world = getattr(obj, "num_processes", getattr(obj, "num_replicas", 2))
-        return isinstance(world, int) and world > 1 and _what(obj) is not None
-
-    wrapper = caller_self(resharder, {m.split(".")[0] for m, _ in _RESHARDERS}, skip=3,
-                          depth=12)
-    return None if wrapper is None else _what(wrapper)
-
-
-def _what(obj: Any) -> str | None:
-    for cls in type(obj).__mro__:
-        what = _RESHARDERS.get((cls.__module__, cls.__qualname__))
-        if what is not None:
-            return what
-    return None
+        check_not_resharded(sampler, rank=sampler.rank, world=sampler.num_replicas,
+                            what="horovod_iter.DistributedSampler")
 
 
 class DistributedSampler(_TorchDistributedSampler):
@@ -379,17 +355,7 @@ class DistributedSampler(_TorchDistributedSampler):
 
     # ---- torch Sampler protocol ----------------------------------------------------------
     def __iter__(self) -> Iterator[int]:
-        if self.num_replicas > 1:
-            wrapper = _resharded_by(self)
-            if wrapper is not None:
-                raise ShardingError(
-                    f"rank {self.rank}: horovod_iter.DistributedSampler already gives each of "
-                    f"the {self.num_replicas} ranks its own slice, and {wrapper} shards it "
-                    f"again: each rank would see 1/{self.num_replicas} of its slice, the rest "
-                    "of the data never. Either let the framework shard (give it the dataset "
-                    "or a DataLoader without our sampler), or keep our sampler and give the "
-                    "framework horovod_iter.DistributedLoader (accelerate and Lightning pass "
-                    "it through untouched); see docs/frameworks.md")
+        _check_not_resharded(self)
         return _SamplerIterator(self.begin_iteration())
 
     def __len__(self) -> int:
@@ -415,6 +381,8 @@ class DistributedSampler(_TorchDistributedSampler):
         """
         if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        # accelerate's dispatcher sets the epoch on every rank but iterates on rank 0 only
+        _check_not_resharded(self)
         self.refresh_length()
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
