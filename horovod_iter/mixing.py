@@ -411,7 +411,7 @@ class MixedStream(IterableDataset[Any]):
         r, k = d.canonical
         epoch, offset = stream_position(sum(d.sizes), r * k, stream, start)
         for e in itertools.count(epoch):
-            yield from d._stream(stream, d._pieces(e)[stream], offset, epoch=e)
+            yield from d.streams.stream(stream, e, offset)
             offset = 0
 
     # -- state ----------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from hypothesis import strategies as st
 
 import horovod_iter as hi
 from horovod_iter.permutation import permute
+from horovod_iter.shards import deal
+from horovod_iter.shards.deal import Position
 
 GOLDEN = Path(__file__).parent / "data" / "shards_golden.json"
 TYPE, VERSION = "horovod_iter.ShardedDataset", 2
@@ -44,13 +46,15 @@ TYPE, VERSION = "horovod_iter.ShardedDataset", 2
 def plan_of(ds: hi.ShardedDataset, consumer: int, consumers: int,
             state: dict[str, Any] | None) -> list[tuple[int, int]]:
     """The consumer's (shard, first record) list of a pass resumed from ``state``."""
-    return [tuple(p) for p in ds._plan(consumer, consumers,  # type: ignore[misc]
-                                       ds._normalise(state) if state is not None else None)]
+    base = None if state is None else Position.from_state(state, len(ds.shards), ds.seed,
+                                                          ds.shuffle)
+    return deal.plan(ds.order(), consumer, consumers,
+                     base if base is not None and base.epoch == ds.epoch else None)
 
 
 def canonical_stream(ds: hi.ShardedDataset, j: int, epoch: int, start: int) -> list[Any]:
     """Canonical stream ``j`` of ``epoch`` from its record ``start`` on."""
-    return list(ds._stream(j, ds._pieces(epoch)[j], start, epoch=epoch))
+    return list(ds.streams.stream(j, epoch, start))
 
 
 # -- data ---------------------------------------------------------------------------------------
