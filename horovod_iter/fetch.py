@@ -363,6 +363,11 @@ class _WorkerSource(HostSource):
                 "num_workers=0, or raise `timeout` if a batch is just slow")
         if isinstance(e, _WorkerDied) or _from_workers(e):
             return SampleError(f"{where}: a DataLoader worker of this rank died: {text}")
+        caught = _worker_cause(text)
+        if caught is not None:  # the cause first, as with 0 workers; torch's text after it
+            worker, cause, trace = caught
+            return SampleError(f"{where}: the dataset raised in DataLoader worker {worker}: "
+                               f"{cause}\n\nThe worker's traceback:\n{trace}")
         return SampleError(f"{where}: the dataset raised: {type(e).__name__}: {e}")
 
     def close(self) -> None:
@@ -389,6 +394,30 @@ def _from_workers(e: BaseException) -> bool:
     text = str(e)
     return isinstance(e, RuntimeError) and "DataLoader worker" in text and (
         "exited unexpectedly" in text or "killed by signal" in text)
+
+
+def _worker_cause(text: str) -> tuple[str, str, str] | None:
+    """(worker, "Type: message", traceback) of torch's text for an exception a DataLoader
+    worker raised (a line "Caught Type in DataLoader worker process N.", then "Original "
+    and the traceback, whose cause is at its end), or None for another text."""
+    head = "Caught "
+    first, _, trace = text.partition("\n")
+    marker = " in DataLoader worker process "
+    if not first.startswith(head) or marker not in first or not trace.startswith("Original "):
+        return None
+    worker = first.rsplit(marker, 1)[1].rstrip(".")
+    trace = trace[len("Original "):].rstrip("\n")
+    lines = trace.split("\n")
+    last = max((i for i, line in enumerate(lines) if line.startswith("Traceback (")), default=0)
+    start = next((i for i in range(last + 1, len(lines))
+                  if lines[i] and not lines[i].startswith(" ")), None)
+    if start is None:
+        return None
+    cause = "\n".join(lines[start:])
+    name, sep, rest = cause.partition(": ")
+    if sep and "." in name and " " not in name:  # "horovod_iter.errors.SampleError": the name
+        cause = f"{name.rsplit('.', 1)[1]}: {rest}"
+    return worker, cause, trace
 
 
 class _WorkerDied(Exception):

@@ -11,9 +11,12 @@ epochs (a small corpus repeats, a large one is spread over several mixed epochs)
 of a source's epoch is drawn exactly once, and everything is a pure function of (seed, epoch).
 
 The sampler (`DistributedSampler`, or the loader's) permutes and deals the positions as for
-any map-style dataset, which interleaves the sources uniformly in every batch and gives the mix
-the map-style guarantees for free: exactly once per epoch over the world, an O(1) resume on any
-world size, the same global batches at any world size with ``global_batch_size``.
+any map-style dataset, which interleaves the sources uniformly in every batch (a shuffling
+sampler, the loader's default; a sampler in index order - the loader's ``shuffle=False`` -
+reads the positions in order: one source's range after the other, as a ``ConcatDataset``)
+and gives the mix the map-style guarantees for free: exactly once per epoch over the world,
+an O(1) resume on any world size, the same global batches at any world size with
+``global_batch_size``.
 """
 from __future__ import annotations
 
@@ -46,16 +49,28 @@ def _counts(weights: Sequence[float], total: int) -> list[int]:
     return out
 
 
-def _shares(weights: Sequence[float] | None, lengths: list[int],
-            samples_per_epoch: int | None) -> tuple[list[float], int]:
-    """The normalised weights (default: by length) and the epoch size, checked."""
+def _shares(weights: Sequence[float] | Mapping[str, float] | None, names: list[str],
+            lengths: list[int], samples_per_epoch: int | None) -> tuple[list[float], int]:
+    """The normalised weights (default: by length) and the epoch size, checked. Weights are
+    a list in the sources' order, or a dict keyed by the names of a dict of sources."""
     if weights is None:
         weights = [float(n) for n in lengths]
+    if isinstance(weights, Mapping):
+        by_name = {str(k): w for k, w in weights.items()}
+        if set(by_name) != set(names):
+            raise ValueError(
+                f"weights given as a dict need one key per source name, {names}; got the keys "
+                f"{sorted(by_name)}. Or give a list in the sources' order: weights="
+                f"{[by_name.get(n, '?') for n in names]!r}")
+        weights = [by_name[n] for n in names]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise ValueError(f"weights must be a list of {len(lengths)} positive numbers, one per "
+                         f"source in the sources' order ({names}), got {weights!r}")
     if len(weights) != len(lengths) or any(
             isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
             or not math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be {len(lengths)} positive numbers (one per "
-                         f"source), got {weights!r}")
+        raise ValueError(f"weights must be {len(lengths)} positive numbers, one per source "
+                         f"in the sources' order ({names}), got {weights!r}")
     total = sum(lengths) if samples_per_epoch is None else samples_per_epoch
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"samples_per_epoch must be a positive int, got "
@@ -78,11 +93,16 @@ class MixedDataset(Dataset[Any]):
     Args:
         sources: map-style datasets (with ``__len__``), a list or a ``{name: dataset}`` dict
             (streaming sources mix in a `MixedStream`).
-        weights: each source's share of an epoch (any positive numbers; normalised). Default:
-            in proportion to their lengths (a plain concatenation).
+        weights: each source's share of an epoch (any positive numbers; normalised): a list
+            in the sources' order, or a dict keyed by the sources' names. Default: in
+            proportion to their lengths (a plain concatenation).
         samples_per_epoch: positions of a mixed epoch; default: the sources' total length.
         seed: seeds each source's own epoch order (``seed + j`` for source ``j``).
-        shuffle: each source's epochs in a permuted order (else in index order).
+        shuffle: each source's own epochs in a permuted order (else in index order). It
+            decides *which* samples of a source fill its positions, not where the positions
+            go: batches mix the sources because the loader's sampler shuffles the positions
+            (its default); with the loader's ``shuffle=False`` the batches take one source's
+            range after the other.
 
     Call `set_epoch` every epoch (`DistributedLoader` does, like it does its sampler's). Use
     it like any map-style dataset:
@@ -107,7 +127,8 @@ class MixedDataset(Dataset[Any]):
         return super().__new__(cls)
 
     def __init__(self, sources: Sequence[Any] | Mapping[str, Any],
-                 weights: Sequence[float] | None = None, *, samples_per_epoch: int | None = None,
+                 weights: Sequence[float] | Mapping[str, float] | None = None, *,
+                 samples_per_epoch: int | None = None,
                  seed: int = 0, shuffle: bool = True) -> None:
         names, datasets = _names(sources)
         if not datasets:
@@ -121,7 +142,7 @@ class MixedDataset(Dataset[Any]):
             if len(d) == 0:
                 raise ValueError(f"source {name!r} is empty (len 0); drop it or fix its path")
             lengths.append(len(d))
-        weights, total = _shares(weights, lengths, samples_per_epoch)
+        weights, total = _shares(weights, names, lengths, samples_per_epoch)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.names, self.sources = names, datasets
@@ -236,7 +257,8 @@ class MixedStream(IterableDataset[Any]):
     elastic_state = True
 
     def __init__(self, sources: Sequence[Any] | Mapping[str, Any],
-                 weights: Sequence[float] | None = None, *, samples_per_epoch: int | None = None,
+                 weights: Sequence[float] | Mapping[str, float] | None = None, *,
+                 samples_per_epoch: int | None = None,
                  seed: int | None = None, shuffle: bool | None = None,
                  rank: int | None = None, num_replicas: int | None = None) -> None:
         if seed is not None or shuffle is not None:
@@ -257,7 +279,7 @@ class MixedStream(IterableDataset[Any]):
             raise ValueError(f"the sources' canonical layouts differ ((canonical_ranks, "
                              f"canonical_workers): {sorted(layouts)}): build them alike")
         lengths = [sum(d.sizes) for d in datasets]
-        weights, total = _shares(weights, lengths, samples_per_epoch)
+        weights, total = _shares(weights, names, lengths, samples_per_epoch)
         self.names, self.sources, self.lengths = names, datasets, lengths
         self.weights = weights
         self.samples_per_epoch = total

@@ -86,11 +86,17 @@ fi
 
 # 3. The package itself, editable, with its dev extras (test, lint, docs tools) and the
 #    frameworks its integration tests run (Lightning, transformers, accelerate, webdataset).
+#    editable_mode=compat: a plain path in a .pth file, which mypy (and other static tools)
+#    follow to the package and its py.typed; setuptools' default import hook they cannot.
+#    An install made with the hook (an older setup.sh) is redone.
+hooked=("$venv"/lib/python*/site-packages/__editable___horovod_iter_*_finder.py)
 if ! "$py" -c "import horovod_iter, pytest, hypothesis, lightning, transformers, accelerate" \
      2>/dev/null \
+   || [ -e "${hooked[0]}" ] \
    || [ "$root/setup.cfg" -nt "$venv/.horovod_iter-installed" ]; then
   say "installing horovod_iter (editable, dev and frameworks extras)"
-  pip install -e "$root[dev,frameworks]" "torch==$TORCH_VERSION"
+  pip install -e "$root[dev,frameworks]" "torch==$TORCH_VERSION" \
+    --config-settings editable_mode=compat
   touch "$venv/.horovod_iter-installed"
 fi
 say "environment ready: $venv"
