@@ -13,12 +13,17 @@ reader, so that a ``read(path)`` written for local files reads ``s3://``, ``gs:/
   never sees half a file), **once per host**: the ranks and DataLoader workers of a host share
   the cache, and a consumer that needs a shard another one (or its own download-ahead thread)
   is downloading waits for that download (a per-shard ``flock``) instead of starting another.
-* The cache holds at most ``limit`` bytes: before a download, the least recently used files
+* The cache aims at ``limit`` bytes: before a download, the least recently used files
   (by modification time; a use touches it) are evicted, never one that a process of the host
   has open or downloaded ahead and not read yet: a reader holds a shared ``flock`` on its
   shards, as does the download-ahead thread on the shards it fetched until their reader takes
   them; an eviction takes an exclusive one first. A consumer opens another shard only while
-  the shards held on the host leave room.
+  the shards held on the host leave room, and downloads ahead only within the limit; but a
+  consumer with no shard open reads its next one even when the shards the others hold fill
+  the cache (else it could never progress). **The bound on disk** is therefore ``limit`` plus
+  one shard per other consumer of the host: ``limit + (C - 1) x the largest shard``, ``C``
+  the host's ranks x DataLoader workers (measured: 2 ranks x 2 workers, a limit of 1 shard
+  held up to 4; of 3 shards, up to 6). Size ``limit`` as the disk budget minus that.
 * **Bounded waits.** Every ``info``, download and wait for another consumer's download ends
   within ``timeout`` seconds without progress (bytes arriving) with `DataTimeoutError`
   naming the URL: a stalled or dead endpoint does not block the reader. The call that
@@ -133,7 +138,8 @@ class ShardCache:
 
     Args:
         cache_dir: where shards are kept (shared by the processes of a host).
-        limit: bytes the cache may hold on disk.
+        limit: bytes the cache aims at on disk; it holds at most ``limit`` plus one shard
+            per other consumer (rank x worker) of the host (see the module docstring).
         storage_options: passed to ``fsspec.url_to_fs`` (credentials, ``endpoint_url`` ...).
         retries: attempts after the first for a transient error.
         backoff: seconds before the first retry (doubled each time).
