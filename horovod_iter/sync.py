@@ -40,7 +40,6 @@ import hashlib
 import itertools
 import json
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -72,20 +71,6 @@ _MAX_EVERY = 64             # iterables: steps between reports (the look-ahead i
 _MIN_BEAT, _MAX_BEAT = 1, 1024  # map-style: steps between heartbeats
 _FIRST_BEAT = 8             # before the step rate is known
 _BEAT_S = 0.1               # aim for a message about every this many seconds
-
-
-#: loaders (by name) already warned that uneven="stop" left batches untrained
-_STOP_WARNED: set[str] = set()
-
-
-def _user_level() -> int:
-    """``stacklevel`` of the nearest frame outside this package, for a ``warnings.warn``
-    made by the caller: the user's loop, not the pipeline's stage that noticed."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_back is not None and (
-            frame.f_globals.get("__name__", "").split(".")[0] == "horovod_iter"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class MessageCounter(Iterator[int]):
@@ -210,6 +195,9 @@ class EndOfDataSync(Iterator[Any]):
         self._first_failed = INF  # some rank's data raised at this step
         self._every = min(every, _FIRST_BEAT)
         self._beat_t, self._beat_step = time.perf_counter(), 0
+        self._beat_wait = 0.0     # wait_s at the last proposal (the trainer's time excludes it)
+        self._latency = 0.0       # how long our messages take, issue to completion (decaying)
+        self._timing: collections.deque[tuple[AsyncHandle, float]] = collections.deque()
         self._next_issue = 0
         self._template_shared = False
         self._done = False
@@ -254,12 +242,17 @@ class EndOfDataSync(Iterator[Any]):
         every 0.1 s of steps, so that a stalled rank is noticed within ``timeout`` plus two
         periods whatever the step time (a message per step when steps are slower than 0.1 s;
         issuing a collective costs ~1 ms on a busy host, so fast steps send one per up to
-        1024 steps). Iterable data also keeps the look-ahead (two periods) within its memory
-        budget, and at most 64 steps."""
+        1024 steps). The step time is the trainer's own, without our waits (else one wait
+        shortens the period, which makes more waits); and since a message has two periods
+        to complete before a rank waits for it, a period covers 0.75 x the time our messages
+        take (hosts far apart, Horovod's negotiation). Iterable data also keeps the
+        look-ahead (two periods) within its memory budget, and at most 64 steps."""
         now, steps = time.perf_counter(), self._step - self._beat_step
-        beat = (int(steps / (now - self._beat_t) * _BEAT_S) if steps and now > self._beat_t
-                else _FIRST_BEAT)
-        self._beat_t, self._beat_step = now, self._step
+        own = (now - self._beat_t) - (self.wait_s - self._beat_wait)
+        period = max(_BEAT_S, 0.75 * self._latency)
+        beat = (_FIRST_BEAT if not steps else _MAX_BEAT if own <= 0
+                else int(steps / own * period))
+        self._beat_t, self._beat_step, self._beat_wait = now, self._step, self.wait_s
         if self.num_batches is not None:
             return max(_MIN_BEAT, min(_MAX_BEAT, beat))
         cap = _MAX_EVERY
@@ -294,7 +287,15 @@ class EndOfDataSync(Iterator[Any]):
             e.args = (f"{e} (while sending {_KINDS[kind]} of step {step})",)
             raise
         self._inflight.append((kind, step, handle))
+        self._timing.append((handle, time.perf_counter()))
         self._next_issue = step + max(1, min(self._every, ahead // 2))
+
+    def _time_messages(self) -> None:
+        """Note how long our completed messages took (polled, never waited for); a slower
+        one counts at once, a faster one decays the estimate."""
+        while self._timing and self._timing[0][0].done():
+            took = time.perf_counter() - self._timing.popleft()[1]
+            self._latency = max(took, 0.8 * self._latency + 0.2 * took)
 
     def _wait_oldest(self) -> None:
         kind, step, handle = self._inflight.popleft()
@@ -369,6 +370,7 @@ class EndOfDataSync(Iterator[Any]):
         if self._done:
             raise StopIteration
         s = self._step
+        self._time_messages()
         if s >= self._next_issue:
             if len(self._inflight) >= 2:
                 self._wait_oldest()
@@ -490,6 +492,15 @@ class EndOfDataSync(Iterator[Any]):
 
     def _end(self, s: int) -> None:
         """Every rank decided to end at ``s``: confirm it with one message, then stop."""
+        have = self._ended_at if self._ended_at is not None else self._pulled
+        if self.uneven == "stop" and (have - s > 1 or (s == 0 and have > 0)):
+            warnings.warn(
+                f"rank {self.backend.rank}: uneven='stop' ended pass {self.serial} at step {s} "
+                f"because another rank ran out, and this rank had at least {have - s} more "
+                f"batches{'' if self._ended_at is not None else ' (as far as it looked ahead)'}"
+                " that this pass does not train on; use uneven='pad' to read every sample, or "
+                "balance the data over the ranks (more shards, sizes= for ShardedDataset)",
+                RuntimeWarning, stacklevel=3)
         self._source = None
         self._buffer.clear()
         self._sizes.clear()
@@ -498,27 +509,8 @@ class EndOfDataSync(Iterator[Any]):
             self._issue(_END)
             while self._inflight:
                 self._wait_oldest()
-            if self.uneven == "stop" and self.backend.rank == 0:
-                self._warn_dropped(s)  # the END message brought every rank's count
         self._done = True
         raise StopIteration
-
-    def _warn_dropped(self, s: int) -> None:
-        """``uneven="stop"`` left batches of some rank untrained: say so once per loader
-        (its ``name``), on rank 0, at the user's line. Rank 0 sees every rank's count in the
-        END message (as far as the ranks had looked ahead), so the others need not warn."""
-        have = self._ended_at if self._ended_at is not None else self._pulled
-        most = max(have, self._some_have, self._last_end if self._last_end < INF else 0)
-        if not (most - s > 1 or (s == 0 and most > 0)) or self.name in _STOP_WARNED:
-            return
-        _STOP_WARNED.add(self.name)
-        warnings.warn(
-            f"rank 0: uneven='stop' ended pass {self.serial} at step {s} because a rank ran "
-            "out, and "
-            f"another rank had at least {most - s} more batches (as far as the ranks had "
-            "looked ahead) that no rank trains on; use uneven='pad' to read every sample, or "
-            "balance the data over the ranks (more shards, sizes= for ShardedDataset). "
-            "Warned once per loader, on rank 0", RuntimeWarning, stacklevel=_user_level())
 
     def _share_template(self) -> None:
         """A rank that never had a batch learns the batch structure from one that had: an
