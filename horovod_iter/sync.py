@@ -40,6 +40,7 @@ import hashlib
 import itertools
 import json
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -71,6 +72,20 @@ _MAX_EVERY = 64             # iterables: steps between reports (the look-ahead i
 _MIN_BEAT, _MAX_BEAT = 1, 1024  # map-style: steps between heartbeats
 _FIRST_BEAT = 8             # before the step rate is known
 _BEAT_S = 0.1               # aim for a message about every this many seconds
+
+
+#: loaders (by name) already warned that uneven="stop" left batches untrained
+_STOP_WARNED: set[str] = set()
+
+
+def _user_level() -> int:
+    """``stacklevel`` of the nearest frame outside this package, for a ``warnings.warn``
+    made by the caller: the user's loop, not the pipeline's stage that noticed."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_back is not None and (
+            frame.f_globals.get("__name__", "").split(".")[0] == "horovod_iter"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class MessageCounter(Iterator[int]):
@@ -492,15 +507,6 @@ class EndOfDataSync(Iterator[Any]):
 
     def _end(self, s: int) -> None:
         """Every rank decided to end at ``s``: confirm it with one message, then stop."""
-        have = self._ended_at if self._ended_at is not None else self._pulled
-        if self.uneven == "stop" and (have - s > 1 or (s == 0 and have > 0)):
-            warnings.warn(
-                f"rank {self.backend.rank}: uneven='stop' ended pass {self.serial} at step {s} "
-                f"because another rank ran out, and this rank had at least {have - s} more "
-                f"batches{'' if self._ended_at is not None else ' (as far as it looked ahead)'}"
-                " that this pass does not train on; use uneven='pad' to read every sample, or "
-                "balance the data over the ranks (more shards, sizes= for ShardedDataset)",
-                RuntimeWarning, stacklevel=3)
         self._source = None
         self._buffer.clear()
         self._sizes.clear()
@@ -509,8 +515,27 @@ class EndOfDataSync(Iterator[Any]):
             self._issue(_END)
             while self._inflight:
                 self._wait_oldest()
+            if self.uneven == "stop" and self.backend.rank == 0:
+                self._warn_dropped(s)  # the END message brought every rank's count
         self._done = True
         raise StopIteration
+
+    def _warn_dropped(self, s: int) -> None:
+        """``uneven="stop"`` left batches of some rank untrained: say so once per loader
+        (its ``name``), on rank 0, at the user's line. Rank 0 sees every rank's count in the
+        END message (as far as the ranks had looked ahead), so the others need not warn."""
+        have = self._ended_at if self._ended_at is not None else self._pulled
+        most = max(have, self._some_have, self._last_end if self._last_end < INF else 0)
+        if not (most - s > 1 or (s == 0 and most > 0)) or self.name in _STOP_WARNED:
+            return
+        _STOP_WARNED.add(self.name)
+        warnings.warn(
+            f"rank 0: uneven='stop' ended pass {self.serial} at step {s} because a rank ran "
+            "out, and "
+            f"another rank had at least {most - s} more batches (as far as the ranks had "
+            "looked ahead) that no rank trains on; use uneven='pad' to read every sample, or "
+            "balance the data over the ranks (more shards, sizes= for ShardedDataset). "
+            "Warned once per loader, on rank 0", RuntimeWarning, stacklevel=_user_level())
 
     def _share_template(self) -> None:
         """A rank that never had a batch learns the batch structure from one that had: an
