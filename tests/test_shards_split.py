@@ -439,7 +439,12 @@ def ref_merge(n: int, seed: int, shuffle: bool, epoch: int, states: list[Any], c
     return {"type": TYPE, "version": VERSION, "epoch": epoch, "shards": n, "seed": seed,
             "shuffle": shuffle, "consumers": consumers, "redealt": redealt,
             "done": ref_ranges(sorted(done)), "partial": sorted([s, o] for s, o in partial.items()),
-            "yielded": [st_["yielded"] if st_ else 0 for st_ in states]}
+            # changed from the old code: a consumer that handed nothing out since the resume
+            # keeps the base's count (the old 0 replayed another stream order, and with a
+            # shuffle buffer repeated its records)
+            "yielded": [st_["yielded"] if st_ else (
+                b["yielded"][c] if b and b["consumers"] == consumers and not b["redealt"]
+                else 0) for c, st_ in enumerate(states)]}
 
 
 @st.composite

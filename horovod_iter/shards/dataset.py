@@ -206,7 +206,9 @@ class ShardedDataset(IterableDataset[Any]):
         refused instead of reading other shards than the ranks believe it reads."""
         if self._fingerprint is None:
             blob = repr((self.shards, self.seed, self.shuffle, self.sizes) + (
-                (self.canonical, self.interleave) if self.canonical else ())).encode()
+                (self.canonical, self.interleave) if self.canonical else ()) + (
+                (("shuffle_buffer", self.shuffle_buffer),) if self.shuffle_buffer else ())
+            ).encode()
             digest = hashlib.blake2b(blob, digest_size=8).hexdigest()
             self._fingerprint = f"ShardedDataset({len(self.shards)} shards, {digest})"
         return self._fingerprint
@@ -414,7 +416,8 @@ class ShardedDataset(IterableDataset[Any]):
         and where the ones in progress stand - whatever the layout that made it."""
         b = self._position(base) if base is not None else None
         progress = [None if st is None else ConsumerState.from_state(st) for st in states]
-        merged = deal.merge(self.order(), self.epoch, progress, consumers, b)
+        merged = deal.merge(self.order(), self.epoch, progress, consumers, b,
+                            replayed=bool(self.shuffle_buffer))
         return merged.to_state(len(self.shards), self.seed, self.shuffle)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:

@@ -155,18 +155,21 @@ def plan(order: Sequence[int], consumer: int, consumers: int,
 
 
 def merge(order: Sequence[int], epoch: int, states: Sequence[ConsumerState | None],
-          consumers: int, base: Position | None = None) -> Position:
+          consumers: int, base: Position | None = None, replayed: bool = False) -> Position:
     """All ``consumers``' progress (``None``: nothing handed out yet) in a pass of ``epoch``
     over ``order`` that resumed from ``base`` (a base of another epoch counts as none), as
-    one position - whatever the layout that made it."""
+    one position - whatever the layout that made it. ``replayed``: the consumers replayed
+    their streams from the epoch's start (a shuffle buffer), so their progress is counted
+    against the epoch's fresh plan."""
     if base is not None and base.epoch != epoch:
         base = None
     done = set(base.done) if base else set()
     partial = dict(base.partial) if base else {}
+    same = base is not None and base.consumers == consumers and not base.redealt
     for c, st in enumerate(states):
         if st is None:
             continue
-        mine = plan(order, c, consumers, base)
+        mine = plan(order, c, consumers, None if replayed else base)
         for i in st.finished:
             done.add(mine[i][0])
             partial.pop(mine[i][0], None)
@@ -174,8 +177,10 @@ def merge(order: Sequence[int], epoch: int, states: Sequence[ConsumerState | Non
             if offset > 0:
                 partial[mine[i][0]] = offset
     redealt = base is not None and (base.redealt or base.consumers != consumers)
+    # a consumer that handed nothing out since the resume is where the base left it
     return Position(epoch, consumers, redealt, frozenset(done), partial,
-                    tuple(st.yielded if st else 0 for st in states))
+                    tuple(st.yielded if st else (base.yielded[c] if same and base else 0)
+                          for c, st in enumerate(states)))
 
 
 def _ranges(values: list[int]) -> list[list[int]]:
