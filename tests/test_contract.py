@@ -289,3 +289,35 @@ def test_the_rank_whose_data_raised_reports_its_own_error_when_the_others_left_f
     res = run_ranks(2, fn, timeout=60)
     assert isinstance(res[1], hi.SampleError), repr(res[1])
     assert "bad.tar" in str(res[1])
+
+
+# -- a shuffle buffer: resumed twice, every record once; refused without the buffer ---------
+def test_sharded_shuffle_buffer_resumes_twice_exactly_once_and_needs_its_buffer():
+    def make(b, buffer=4):
+        return hi.DistributedLoader(sharded(b, shuffle_buffer=buffer), batch_size=2,
+                                    backend=b, uneven="pad")
+
+    def fn(b):
+        seen, state = [], None
+        for cut in (2, 3, None):  # two interruptions, then to the end of the epoch
+            loader = make(b)
+            if state is not None:
+                loader.load_state_dict(state)
+            it = iter(loader)
+            for k, batch in enumerate(it):
+                seen += flat([batch])
+                if cut is not None and k + 1 == cut:
+                    break
+            state = json.loads(json.dumps(loader.state_dict()))
+            loader.close()
+        try:
+            make(b, buffer=0).load_state_dict(state)
+        except ValueError as e:
+            return seen, str(e)
+        return seen, None
+
+    res = run_ranks(2, fn, timeout=60)
+    assert all(isinstance(r, tuple) for r in res), res
+    allseen = sorted(x for seen, _ in res for x in seen)
+    assert allseen == sorted(s * 100 + i for s, n in SHARDS for i in range(n))
+    assert all(err is not None and "dataset" in err for _, err in res)
