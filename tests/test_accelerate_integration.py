@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from thread_world import run_all
+from thread_world import ThreadWorld, run_all
 from torch.utils.data import DataLoader
 from toy_data import Ids, Mapped
 
@@ -194,6 +194,26 @@ def test_hf_trainer_with_split_batches_is_refused_without_global_batch_size(
     with pytest.raises(Exception) as e:  # passes our check; HF then fails on the None
         trainer.train()
     assert "split_batches" not in str(e.value)
+
+
+@pytest.mark.xfail(strict=True, reason="needs loader.py to pass uneven, even_batches and "
+                   "global_batch_size to warn_foreign_world (reported to the lead)")
+def test_a_loader_built_inside_trainer_evaluate_is_checked(fresh_accelerate, tmp_path):
+    """The wiring: DistributedLoader's construction calls check_trainer."""
+    transformers = pytest.importorskip("transformers")
+    backend = ThreadWorld(2).backends[0]  # a world of 2; the construction needs no peer
+
+    class Trainer(transformers.Trainer):
+        def get_eval_dataloader(self, eval_dataset=None):
+            return hi.DistributedLoader(self.eval_dataset, batch_size=4, uneven="pad",
+                                        backend=backend, timeout=1)  # unwired: no peer
+
+    trainer = tiny_trainer(tmp_path, [{}])
+    trainer.__class__ = Trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # accelerate's 1 process beside our 2 ranks
+        with pytest.raises(ValueError, match=r"evaluate\(\).*even_batches=True"):
+            trainer.evaluate()
 
 
 def test_outside_a_trainer_nothing_is_checked():

@@ -101,6 +101,18 @@ def test_hf_trainer_evaluate_with_an_even_batches_pad_loader_is_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_hf_trainer_predict_with_the_evaluation_recipe_is_in_dataset_order(tmp_path):
+    """Trainer.predict() over the recipe's loader (uneven="pad", even_batches=True,
+    mask_labels()), 101 samples, batch 8, 2 ranks: HF returns 112 rows, in the order
+    [0, 2, 4, ..., 1, 3, ...] with copies; in_dataset_order gives 101 rows, row i the model's
+    prediction for sample i, its label i's."""
+    res = hf("predict", str(tmp_path))
+    for r in res:
+        assert r["raw_rows"] == 112, r
+        assert r["rows"] == 101 and r["labels_in_order"] and r["preds_match"], r
+
+
+@pytest.mark.slow
 def test_hf_trainer_resume_from_checkpoint_is_exactly_once(tmp_path):
     """save_steps=5, stopped at step 11 (epoch 1, step 3); resume_from_checkpoint=True
     continues from step 10: HF re-batches the rest of epoch 1 from loader.batch_sampler
@@ -157,17 +169,35 @@ def test_even_batches_evaluation_works_with_gather_for_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_prepare_of_a_dataloader_with_our_sampler_is_refused(tmp_path):
-    res = accel("prepare_dataloader", str(tmp_path))
+def test_accelerate_sharding_our_data_again_is_refused_on_every_rank(tmp_path):
+    """accelerator.prepare() of a DataLoader over our sampler (BatchSamplerShard; with
+    dispatch_batches=True, process 0 alone reads: 50 of 100 before) or over a ShardedDataset
+    (dispatched by default: 26 + 28 of 58 before; IterableDatasetShard otherwise): a
+    ShardingError on every rank at the first batch, naming hi.DistributedLoader."""
+    res = accel("refusals", str(tmp_path / "shards"))
     for r in res:
-        assert r["error"] and r["error"].startswith("ShardingError"), r
-        assert "BatchSamplerShard" in r["error"]
+        assert r["error"] is None, r
+        cases = r["cases"]
+        assert "BatchSamplerShard" in cases["sampler"]["error"], cases
+        assert "DataLoaderDispatcher" in cases["sampler_dispatched"]["error"], cases
+        for case in ("sampler", "sampler_dispatched"):
+            assert cases[case]["error"].startswith("ShardingError"), cases
+            assert "horovod_iter.DistributedLoader" in cases[case]["error"], cases
+    sharded = [r["cases"][c] for r in res for c in ("sharded", "sharded_not_dispatched")]
+    if any("ids" in c for c in sharded):  # ShardedDataset has not the hook yet (see below)
+        pytest.xfail("ShardedDataset.set_epoch/__iter__ must call integrations.accelerate."
+                     f"check_not_resharded: {[len(c.get('ids', [])) for c in sharded]} of 58")
+    for c in sharded:
+        assert c["error"].startswith("ShardingError") and "ShardedDataset" in c["error"], c
 
 
-def test_accelerate_seeing_another_world_than_horovod_warns():
+def test_accelerate_seeing_another_world_than_horovod_warns(tmp_path):
+    """An Accelerator under horovodrun sees one process: building a loader warns."""
     pytest.importorskip("accelerate")
-    res = launch("horovod", 2, "fault_cases.py", "accelerate_world", timeout=120)
+    res = launch("horovod", 2, "accelerate_run.py", "horovod_world", str(tmp_path),
+                 timeout=120)
     for r in res:
+        assert r["error"] is None, r
         assert any("will not synchronise gradients" in w for w in r["warnings"]), r
 
 

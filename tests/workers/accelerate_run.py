@@ -2,11 +2,16 @@
 hi.DistributedLoader through untouched; registered for checkpointing, save_state/load_state
 resume it exactly. ``eval`` (uneven="pad", gathered with hi.gather_rows) and ``eval_even``
 (even_batches=True, gathered with accelerator.gather_for_metrics). argv[1]: ``save`` (6 steps
-of epoch 0, then save_state) or ``resume`` (load_state, then the rest of epochs 0 and 1), or
-``prepare_dataloader`` (accelerate's own DataLoader with our sampler: refused);
-argv[2]: the state folder."""
+of epoch 0, then save_state) or ``resume`` (load_state, then the rest of epochs 0 and 1);
+argv[2]: the state folder. ``refusals``: accelerate sharding our data again, each refused with
+ShardingError on every rank (what each trained otherwise is reported): a DataLoader with our
+sampler (BatchSamplerShard; and dispatch_batches=True: 50 of 100 before), and one over a
+hi.ShardedDataset (dispatched by default: 26 + 28 of 58 before; IterableDatasetShard with
+dispatch_batches=False). ``horovod_world`` (under horovodrun): an Accelerator of one process
+beside our 2 ranks warns at the loader's construction."""
 import os
 import sys
+import time
 
 import accelerate
 import torch
@@ -29,6 +34,44 @@ class Ids(Dataset):
 
 acc = accelerate.Accelerator(cpu=True)
 out = {"rank": acc.process_index, "world": acc.num_processes, "seen": {}, "error": None}
+RANK = int(os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "0")))
+
+
+def refused(make, dispatch):
+    """What iterating ``make()`` prepared by an Accelerator with ``dispatch_batches`` gives:
+    the error, or the ids this rank trained on."""
+    config = accelerate.utils.DataLoaderConfiguration(dispatch_batches=dispatch)
+    a = accelerate.Accelerator(cpu=True, dataloader_config=config)
+    try:
+        return {"ids": [int(i) for b in a.prepare(make()) for i in b["id"]]}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def write_shards(folder):
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    paths, start = [], 0
+    for k, size in enumerate([17, 9, 13, 19]):  # 58 samples
+        path = os.path.join(folder, f"s{k}.jsonl")
+        if RANK == 0:
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps({"id": i}) + "\n" for i in range(start, start + size))
+            os.replace(path + ".tmp", path)
+        paths.append(path)
+        start += size
+    while not all(os.path.exists(p) for p in paths):
+        time.sleep(0.05)
+    return paths
+
+
+def read_ids(path):
+    import json
+
+    with open(path) as f:
+        return [{"id": torch.tensor(json.loads(line)["id"])} for line in f]
+
 torch.manual_seed(0)  # the same model on every rank
 model = torch.nn.Linear(4, 1)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -64,10 +107,25 @@ try:
         out["gathered"] = all_ids.tolist()
         out["preds_match"] = torch.allclose(
             all_preds, model(torch.stack([Ids()[i]["x"] for i in all_ids.tolist()])).squeeze(1))
-    elif case == "prepare_dataloader":
-        dl = DataLoader(Ids(), batch_size=4, sampler=hi.DistributedSampler(Ids()))
-        model, opt, dl = acc.prepare(model, opt, dl)
-        list(dl)
+    elif case == "refusals":
+        shards = write_shards(folder)
+        out["cases"] = {
+            "sampler": refused(lambda: DataLoader(Ids(), batch_size=4,
+                                                  sampler=hi.DistributedSampler(Ids())), None),
+            "sampler_dispatched": refused(lambda: DataLoader(
+                Ids(), batch_size=4, sampler=hi.DistributedSampler(Ids())), True),
+            "sharded": refused(lambda: DataLoader(hi.ShardedDataset(shards, read_ids),
+                                                  batch_size=4), None),
+            "sharded_not_dispatched": refused(lambda: DataLoader(
+                hi.ShardedDataset(shards, read_ids), batch_size=4), False),
+        }
+    elif case == "horovod_world":
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hi.DistributedLoader(Ids(), batch_size=2)
+        out["warnings"] = [str(w.message) for w in caught]
     else:
         loader = hi.DistributedLoader(Ids(), batch_size=4, timeout=60)
         model, opt, prepared = acc.prepare(model, opt, loader)
@@ -90,6 +148,6 @@ try:
                 break
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
-report(out, rank=int(os.environ["RANK"]))
+report(out, rank=RANK)
 sys.stdout.flush()
 os._exit(0)

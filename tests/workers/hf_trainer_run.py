@@ -3,7 +3,9 @@ download); the training data is a hi.DistributedLoader returned by get_train_dat
 argv[1]: ``train`` (2 epochs, then evaluate with HF's own evaluation data loader) or
 ``save``/``resume`` (save_steps=5, stop at step 11, in epoch 1; then resume_from_checkpoint
 from step 10), or ``eval_pad`` (evaluate() only, over a hi.DistributedLoader with
-uneven="pad", even_batches=True, mark_padding=hi.mask_labels()); argv[2]: the output folder.
+uneven="pad", even_batches=True, mark_padding=hi.mask_labels()), or ``predict`` (predict() of 101
+samples, batch 8, over that loader, put in dataset order with
+integrations.accelerate.in_dataset_order); argv[2]: the output folder.
 Each rank reports the sample ids its training_step saw per epoch, and the evaluation ids."""
 import os
 import sys
@@ -17,7 +19,7 @@ from toy_data import Mapped
 import horovod_iter as hi
 
 case, folder = sys.argv[1], sys.argv[2]
-N, VAL = 64, (17 if case == "eval_pad" else 18)
+N, VAL = 64, {"eval_pad": 17, "predict": 101}.get(case, 18)
 
 
 def Ids(n):  # a dataset of these samples
@@ -45,6 +47,11 @@ class Trainer(transformers.Trainer):
                                     uneven="pad", even_batches=True,
                                     mark_padding=hi.mask_labels(), timeout=60)
 
+    def get_test_dataloader(self, test_dataset):  # the evaluation recipe's loader
+        return hi.DistributedLoader(test_dataset, batch_size=8, shuffle=False,
+                                    uneven="pad", even_batches=True,
+                                    mark_padding=hi.mask_labels(), timeout=60)
+
     def training_step(self, model, inputs, *a, **kw):
         epoch = str(int(self.state.epoch or 0))
         seen.setdefault(epoch, []).extend(inputs.pop("idx").tolist())
@@ -52,7 +59,7 @@ class Trainer(transformers.Trainer):
 
     def prediction_step(self, model, inputs, *a, **kw):
         idx = inputs.pop("idx", None)
-        if idx is not None and case == "eval_pad":
+        if idx is not None and case in ("eval_pad", "predict"):
             idx = idx[inputs["labels"] != -100]  # the copies even_batches adds are marked
         evaluated.extend([] if idx is None else idx.tolist())
         if idx is None:
@@ -79,13 +86,29 @@ args = transformers.TrainingArguments(
 trainer = Trainer(model=model, args=args, train_dataset=Ids(N), eval_dataset=Ids(VAL),
                   callbacks=[Stop()],
                   compute_metrics=compute_metrics if case == "eval_pad" else None)
+out = {}
 if case == "resume":
     trainer.train(resume_from_checkpoint=True)
+elif case == "predict":
+    from horovod_iter.integrations.accelerate import in_dataset_order
+
+    test_set = Ids(VAL)
+    pred = trainer.predict(test_set)
+    out["raw_rows"] = len(pred.predictions)
+    logits, labels = in_dataset_order((pred.predictions, pred.label_ids),
+                                      trainer.get_test_dataloader(test_set))
+    out["rows"] = len(logits)
+    out["labels_in_order"] = labels.tolist() == [i % 2 for i in range(VAL)]
+    model.eval()
+    with torch.no_grad():  # the model's own prediction for each sample, one at a time
+        ref = torch.cat([model(input_ids=test_set[i]["input_ids"][None]).logits
+                         for i in range(VAL)])
+    out["preds_match"] = bool(np.allclose(logits, ref.numpy(), atol=1e-5))
 elif case != "eval_pad":
     trainer.train()
 metrics = trainer.evaluate() if case in ("train", "eval_pad") else {}
 report({"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]), "seen": seen,
         "eval": evaluated, "eval_loss": metrics.get("eval_loss"),
-        "eval_count": metrics.get("eval_count")})
+        "eval_count": metrics.get("eval_count"), **out})
 sys.stdout.flush()
 os._exit(0)
