@@ -43,6 +43,7 @@ import logging
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Literal
 
@@ -74,8 +75,10 @@ _FIRST_BEAT = 8             # before the step rate is known
 _BEAT_S = 0.1               # aim for a message about every this many seconds
 
 
-#: loaders (by name) already warned that uneven="stop" left batches untrained
-_STOP_WARNED: set[str] = set()
+#: loaders already warned that uneven="stop" left batches untrained: their message counters
+#: (one per loader, shared by its passes), else their names
+_STOP_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+_STOP_WARNED_NAMES: set[str] = set()
 
 
 def _user_level() -> int:
@@ -522,13 +525,20 @@ class EndOfDataSync(Iterator[Any]):
 
     def _warn_dropped(self, s: int) -> None:
         """``uneven="stop"`` left batches of some rank untrained: say so once per loader
-        (its ``name``), on rank 0, at the user's line. Rank 0 sees every rank's count in the
+        (its message counter), on rank 0, at the user's line. Rank 0 sees every rank's count in the
         END message (as far as the ranks had looked ahead), so the others need not warn."""
         have = self._ended_at if self._ended_at is not None else self._pulled
         most = max(have, self._some_have, self._last_end if self._last_end < INF else 0)
-        if not (most - s > 1 or (s == 0 and most > 0)) or self.name in _STOP_WARNED:
+        if not (most - s > 1 or (s == 0 and most > 0)):
             return
-        _STOP_WARNED.add(self.name)
+        try:  # the loader's counter: loaders of other backends may share a name
+            if self._ops in _STOP_WARNED:
+                return
+            _STOP_WARNED.add(self._ops)
+        except TypeError:  # not weakly referable (a plain itertools.count): by name
+            if self.name in _STOP_WARNED_NAMES:
+                return
+            _STOP_WARNED_NAMES.add(self.name)
         warnings.warn(
             f"rank 0: uneven='stop' ended pass {self.serial} at step {s} because a rank ran "
             "out, and "
