@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import sys
 from collections.abc import Mapping, MutableMapping
-from types import FrameType
 from typing import Any, Callable, NoReturn
 
 import numpy as np
@@ -274,22 +273,3 @@ def concat_rows(trees: list[Any]) -> Any:
     _walk(trees[0], check, lambda x: not _is_container(x))
     columns = iter([torch.cat(ts) for ts in zip(*(tree_leaves(t) for t in trees))])
     return tree_map(lambda _: next(columns), trees[0])
-
-
-def caller_self(match: Callable[[Any], bool], modules: set[str], skip: int = 2,
-                depth: int = 16) -> Any:
-    """The ``self`` of the nearest caller frame whose module is in ``modules`` (a package
-    name or a dotted module) and for which ``match(self)`` holds, or None. Only those
-    modules' frames are read: ``f_locals`` leaves a snapshot of a frame's locals on it, and
-    of a trainer's frame that would keep its previous iterator (and its workers) alive."""
-    frame: FrameType | None = sys._getframe(skip)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        module = frame.f_globals.get("__name__", "")
-        if module in modules or module.split(".")[0] in modules:
-            obj = frame.f_locals.get("self")
-            if obj is not None and match(obj):
-                return obj
-        frame = frame.f_back
-    return None

@@ -183,7 +183,8 @@ class DistributedLoader:
         self._backend = backend if isinstance(backend, Backend) else (
             init(backend) if backend is not None else get_backend())
         world = self._backend.size
-        warn_foreign_world(self._backend)
+        warn_foreign_world(self._backend, uneven=uneven, even_batches=even_batches,
+                           global_batch_size=global_batch_size)
         if batch_sampler is not None:
             # torch's rule: a batch sampler decides the batches alone
             if (not isinstance(batch_size, _Unset) and batch_size != 1) or shuffle or \

@@ -196,8 +196,6 @@ def test_hf_trainer_with_split_batches_is_refused_without_global_batch_size(
     assert "split_batches" not in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs loader.py to pass uneven, even_batches and "
-                   "global_batch_size to warn_foreign_world (reported to the lead)")
 def test_a_loader_built_inside_trainer_evaluate_is_checked(fresh_accelerate, tmp_path):
     """The wiring: DistributedLoader's construction calls check_trainer."""
     transformers = pytest.importorskip("transformers")

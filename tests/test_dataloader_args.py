@@ -132,21 +132,3 @@ def test_frameworks_attributes_and_the_samplers_epoch():
     assert [list(b) for b in loader.batch_sampler] == got  # what re-batching reads
 
 
-def test_accelerate_resharding_our_sampler_is_refused():
-    accelerate = pytest.importorskip("accelerate.data_loader")
-    sampler = hi.DistributedSampler(tds(20), num_replicas=2, rank=0)
-    shard = accelerate.BatchSamplerShard(BatchSampler(sampler, 2, False), num_processes=2,
-                                         process_index=0)
-    with pytest.raises(hi.ShardingError, match="BatchSamplerShard"):
-        list(shard)
-    # the same sampler in a plain DataLoader is fine
-    assert len(list(DataLoader(tds(20), sampler=sampler, batch_size=2))) == 5
-
-
-def test_lightnings_sampler_wrapper_around_ours_is_refused():
-    distributed = pytest.importorskip("lightning.fabric.utilities.distributed")
-    ours = hi.DistributedSampler(tds(20), num_replicas=2, rank=1)
-    outer = distributed.DistributedSamplerWrapper(ours, num_replicas=2, rank=1,
-                                                  shuffle=False)
-    with pytest.raises(hi.ShardingError, match="Lightning"):
-        list(outer)

@@ -184,9 +184,6 @@ def test_accelerate_sharding_our_data_again_is_refused_on_every_rank(tmp_path):
             assert cases[case]["error"].startswith("ShardingError"), cases
             assert "horovod_iter.DistributedLoader" in cases[case]["error"], cases
     sharded = [r["cases"][c] for r in res for c in ("sharded", "sharded_not_dispatched")]
-    if any("ids" in c for c in sharded):  # ShardedDataset has not the hook yet (see below)
-        pytest.xfail("ShardedDataset.set_epoch/__iter__ must call integrations.accelerate."
-                     f"check_not_resharded: {[len(c.get('ids', [])) for c in sharded]} of 58")
     for c in sharded:
         assert c["error"].startswith("ShardingError") and "ShardedDataset" in c["error"], c
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable, Generic, TypeVar
 
@@ -218,6 +219,11 @@ class ShardedDataset(IterableDataset[Any]):
         """Select the epoch's shard order (call it every epoch, as the loader does)."""
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if "accelerate.data_loader" in sys.modules and self.num_replicas > 1:
+            # accelerator.prepare(DataLoader(this)) would split our slice again
+            from ..integrations.accelerate import check_not_resharded
+            check_not_resharded(self, rank=self.rank, world=self.num_replicas,
+                                what="horovod_iter.ShardedDataset")
         self.epoch = epoch
 
     def set_world(self, num_replicas: int, rank: int) -> None:
