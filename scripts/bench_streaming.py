@@ -17,6 +17,12 @@ The last column is each row's ratio to the best peer on that metric (higher is b
 throughput, lower for latency).
 
     python scripts/bench_streaming.py [--ranks 2] [--small 100000] [--large 2000]
+
+``--plain-row`` runs only the row "ours vs a plain per-rank loop" (about a minute): the loop a
+user writes by hand (each rank reads ``files[rank::world]`` with the same reader, DataLoader
+with ``default_collate``, no resume, no exactly-once) against our canonical ShardedDataset and
+a MixedStream of two canonical halves through ``hi.DistributedLoader``, workers 0 and 2, and
+prints records/s per rank and the ratio ours / plain (goal: >= 0.8x).
 """
 from __future__ import annotations
 
@@ -147,27 +153,58 @@ def collate(samples):
     return torch.tensor([s[0] for s in samples]), [s[1] for s in samples]
 
 
-def make_loader(peer: str, root: Path, workers: int, state=None):
+def make_loader(peer: str, root: Path, workers: int, state=None, plain_row: bool = False):
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, default_collate
 
     if peer.startswith("horovod_iter"):
         import horovod_iter as hi
 
         shards = sorted(str(p) for p in (root / "tar").glob("*.tar"))
+        n = json.loads((root / "tar" / "count.json").read_text())
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        sizes = [len(range(s, n, SHARDS)) for s in range(SHARDS)]
+        fn = default_collate if plain_row else collate
         if peer == "horovod_iter-canonical":  # elastic determinism: needs the sizes
-            n = json.loads((root / "tar" / "count.json").read_text())
-            world = int(os.environ.get("WORLD_SIZE", "1"))
             ds = hi.ShardedDataset(shards, read_tar, seed=0, canonical_ranks=world,
-                                   canonical_workers=2, sizes=[
-                                       len(range(s, n, SHARDS)) for s in range(SHARDS)])
+                                   canonical_workers=2, sizes=sizes)
+        elif peer == "horovod_iter-mixed":  # two canonical halves, mixed by their sizes
+            half = SHARDS // 2
+            parts = [hi.ShardedDataset(shards[a:b], read_tar, seed=0, canonical_ranks=world,
+                                       canonical_workers=2, sizes=sizes[a:b])
+                     for a, b in ((0, half), (half, SHARDS))]
+            ds = hi.MixedStream(parts, weights=[sum(sizes[:half]), sum(sizes[half:])],
+                                samples_per_epoch=n)
+            loader = hi.DistributedLoader(ds, global_batch_size=BATCH * world,
+                                          num_workers=workers, collate_fn=fn, timeout=600)
+            if state is not None:
+                loader.load_state_dict(state)
+            return loader, lambda b: b[0].tolist(), lambda b: sum(len(x) for x in b[1])
         else:
             ds = hi.ShardedDataset(shards, read_tar, seed=0)
         loader = hi.DistributedLoader(ds, batch_size=BATCH, num_workers=workers,
-                                      collate_fn=collate, uneven="pad", timeout=600)
+                                      collate_fn=fn, uneven="pad", timeout=600)
         if state is not None:
             loader.load_state_dict(state)
         return loader, lambda b: b[0].tolist(), lambda b: sum(len(x) for x in b[1])
+    if peer == "plain":  # what a user writes by hand: files[rank::world], no resume
+        from torch.utils.data import IterableDataset, get_worker_info
+
+        shards = sorted(str(p) for p in (root / "tar").glob("*.tar"))
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+
+        class Plain(IterableDataset):
+            def __iter__(self):
+                info = get_worker_info()
+                mine = shards[rank::world]
+                if info is not None:
+                    mine = mine[info.id::info.num_workers]
+                for path in mine:
+                    yield from read_tar(path)
+
+        return (DataLoader(Plain(), batch_size=BATCH, num_workers=workers),
+                lambda b: b[0].tolist(), lambda b: sum(len(x) for x in b[1]))
     if peer == "webdataset":
         import webdataset as wds
 
@@ -215,7 +252,7 @@ def rank_main(a: argparse.Namespace) -> None:
     rank = dist.get_rank()
     root = Path(a.data)
     out: dict = {"rank": rank}
-    loader, ids_of, bytes_of = make_loader(a.peer, root, a.workers)
+    loader, ids_of, bytes_of = make_loader(a.peer, root, a.workers, plain_row=a.plain_row)
     t0 = time.perf_counter()
     ids, nbytes, first = [], 0, None
     for batch in loader:
@@ -225,7 +262,8 @@ def rank_main(a: argparse.Namespace) -> None:
         nbytes += bytes_of(batch)
     out.update(elapsed=time.perf_counter() - t0, first=first, ids=ids, bytes=nbytes)
     # mid-epoch resume: half an epoch, state_dict(), a new loader from it, its first batch
-    if a.peer.startswith("horovod_iter") or a.peer in ("mosaicml-streaming", "litdata"):
+    if not a.plain_row and (a.peer.startswith("horovod_iter")
+                            or a.peer in ("mosaicml-streaming", "litdata")):
         try:
             loader, ids_of, _ = make_loader(a.peer, root, a.workers)
             it = iter(loader)
@@ -258,11 +296,12 @@ def peers() -> list[str]:
     return found
 
 
-def run(peer: str, data: Path, ranks: int, workers: int, timeout: float = 180) -> dict:
+def run(peer: str, data: Path, ranks: int, workers: int, timeout: float = 180,
+        plain_row: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                "--master_port", str(29500 + os.getpid() % 1000), __file__, "--role", "rank",
-               "--peer", peer, "--data", str(data), "--workers", str(workers), "--out", out]
+               "--peer", peer, "--data", str(data), "--workers", str(workers), "--out", out] + ["--plain-row"] * plain_row
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
@@ -296,6 +335,40 @@ def once(ids: list[int], n: int) -> str:
     return "yes" if not missing and not twice and len(c) == n else f"-{missing}/+{twice}"
 
 
+def plain_row(a: argparse.Namespace) -> None:
+    """Ours (canonical ShardedDataset; MixedStream of two canonical halves) vs the loop a user
+    writes by hand: each rank reads ``files[rank::world]`` (its workers split those) with the
+    same reader, batched by torch's DataLoader with ``default_collate`` - no resume, no
+    exactly-once. Same files, reader, batch size and collate for all three."""
+    n = a.small if a.small != 100_000 else 200_000  # ~1 s of reading per rank
+    rows: dict[tuple[str, int], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "small"
+        write_tar(data / "tar", n, 100)
+        for workers in (0, 2):
+            for peer in ("plain", "horovod_iter-canonical", "horovod_iter-mixed"):
+                r = run(peer, data, a.ranks, workers, plain_row=True)
+                rows[peer, workers] = r
+                print(f"  w={workers} {peer}: " + (r["error"][-300:] if "error" in r else
+                      f"{r['rec_s']:.0f} rec/s/rank"), file=sys.stderr, flush=True)
+    print(f"\n{a.ranks} ranks (torchrun, gloo), {SHARDS} shards, {n} records of 100 B, "
+          f"batch {BATCH}/rank, default_collate, one epoch; ratio: ours / plain loop\n")
+    print("| workers | plain rec/s/rank | canonical rec/s/rank | ratio | "
+          "mixed rec/s/rank | ratio |")
+    print("|---|---|---|---|---|---|")
+    for workers in (0, 2):
+        p, c, m = (rows[k, workers] for k in ("plain", "horovod_iter-canonical",
+                                              "horovod_iter-mixed"))
+        if "error" in p:
+            print(f"| {workers} | error | | | | |")
+            continue
+        cells = [f"{p['rec_s']:.0f}"]
+        for r in (c, m):
+            cells += (["error", "-"] if "error" in r else
+                      [f"{r['rec_s']:.0f}", f"{r['rec_s'] / p['rec_s']:.2f}x"])
+        print(f"| {workers} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--role", default="driver")
@@ -307,10 +380,15 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=100_000, help="records of ~100 B")
     ap.add_argument("--large", type=int, default=2_000, help="records of 100 KB")
     ap.add_argument("--only", nargs="*", help="peers to run (default: all installed)")
+    ap.add_argument("--plain-row", action="store_true",
+                    help="only the row 'ours vs a plain per-rank loop' (small records)")
     a = ap.parse_args()
     _torchvision_or_stub()
     if a.role == "rank":
         rank_main(a)
+        return
+    if a.plain_row:
+        plain_row(a)
         return
     names = a.only or peers()
     with tempfile.TemporaryDirectory() as tmp:
