@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ._deprecation import warn_deprecated
 from .backend import get_backend
 from .canonical import check_world, stream_position
-from .permutation import permute
+from .permutation import permute_epochs
 from .sharded import ShardedDataset
 
 __all__ = ["MixedDataset", "MixedStream"]
@@ -192,11 +192,8 @@ class MixedDataset(Dataset[Any]):
             if not self.shuffle:
                 inner[sel] = pos
                 continue
-            out = np.empty_like(pos)
-            for f in np.unique(src_epoch).tolist():  # at most two source epochs per mixed one
-                at = src_epoch == f
-                out[at] = permute(pos[at], n, self.seed + j, int(f))
-            inner[sel] = out
+            # a small source spans many of its epochs in one batch: all at once
+            inner[sel] = permute_epochs(pos, n, self.seed + j, src_epoch)
         return src, inner
 
     def __getitem__(self, index: int) -> Any:

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["ROUNDS", "permutation", "permute"]
+__all__ = ["ROUNDS", "permutation", "permute", "permute_epochs"]
 
 ROUNDS = 8
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
@@ -87,6 +87,50 @@ def permute(positions: np.ndarray | int, n: int, seed: int, epoch: int) -> np.nd
         y[idx] = z
         out[idx] = z >= un
     return y.astype(np.int64)
+
+
+def permute_epochs(positions: np.ndarray, n: int, seed: int, epochs: np.ndarray) -> np.ndarray:
+    """`permute` of each position in its own epoch's order: ``out[i] == permute(positions[i],
+    n, seed, epochs[i])``, in one vectorised pass however many distinct epochs there are (a
+    small source of a mix spans hundreds of its epochs in one batch)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    x = np.asarray(positions, dtype=np.int64).reshape(-1)
+    ep = np.asarray(epochs, dtype=np.int64).reshape(-1)
+    if ep.shape != x.shape:
+        raise ValueError(f"positions and epochs must have the same length, got {x.size} "
+                         f"and {ep.size}")
+    if x.size and (x.min() < 0 or x.max() >= n):
+        raise ValueError(f"positions must lie in [0, {n}), got values in [{x.min()}, {x.max()}]")
+    if n <= 1 or x.size == 0:
+        return x.copy()
+    bits = max(2, int(n - 1).bit_length())
+    distinct, which = np.unique(ep, return_inverse=True)
+    table = np.array([_round_keys(int(seed), int(e)) for e in distinct.tolist()],
+                     dtype=np.uint64)  # (distinct epochs, ROUNDS)
+    keys = table[which.reshape(-1)]  # each position's round keys
+    y = _feistel_keyed(x.astype(np.uint64), bits, keys)
+    un = np.uint64(n)
+    out = y >= un
+    while out.any():  # cycle walking, as in `permute`
+        idx = np.nonzero(out)[0]
+        z = _feistel_keyed(y[idx], bits, keys[idx])
+        y[idx] = z
+        out[idx] = z >= un
+    return y.astype(np.int64)
+
+
+def _feistel_keyed(x: np.ndarray, bits: int, keys: np.ndarray) -> np.ndarray:
+    """`_feistel` with each element's own round keys (``keys``: one row per element)."""
+    a = bits // 2
+    c = bits - a
+    for r in range(ROUNDS):
+        hi = x >> np.uint64(c)
+        lo = x & np.uint64((1 << c) - 1)
+        f = _mix(lo, keys[:, r]) & np.uint64((1 << a) - 1)
+        x = (lo << np.uint64(a)) | (hi ^ f)
+        a, c = c, a
+    return x
 
 
 def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
