@@ -38,7 +38,7 @@ def _round_keys(seed: int, epoch: int) -> tuple[np.uint64, ...]:
                  for i in range(ROUNDS))
 
 
-def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+def _mix(x: np.ndarray, key: np.uint64 | np.ndarray) -> np.ndarray:
     """murmur3's fmix64 of x ^ key (wrapping uint64 arithmetic)."""
     v = x ^ key
     v ^= v >> _S33
