@@ -400,19 +400,21 @@ class CanonicalStreams:
                     if left[i]:
                         readers[i] = rd.open(shard, a + done[i])
                 for labels in window_labels(key, lengths, skip):
-                    for i in labels.tolist():
-                        shard, a, b = window[i]
+                    for i in labels.tolist():  # the per-record path: nothing but the read
                         try:
                             record = next(readers[i])
                         except StopIteration:
+                            shard, a, b = window[i]
                             raise SampleError(
                                 f"rank {rd.rank}: shard {rd.shards[shard]!r} (#{shard}) "
                                 f"ended at record {b - left[i]}, but sizes= says it has "
                                 f"{self.sizes[shard]}: give the true record counts") from None
                         except Exception as e:
+                            shard, a, b = window[i]
                             raise rd.read_error(shard, b - left[i], e) from e
                         left[i] -= 1
                         if not left[i]:
+                            shard, a, b = window[i]
                             if b == self.sizes[shard] and next(readers[i], _END) is not _END:
                                 raise SampleError(
                                     f"rank {rd.rank}: shard {rd.shards[shard]!r} (#{shard}) "
