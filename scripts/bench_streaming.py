@@ -345,14 +345,19 @@ def plain_row(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "small"
         write_tar(data / "tar", n, 100)
-        for workers in (0, 2):
-            for peer in ("plain", "horovod_iter-canonical", "horovod_iter-mixed"):
-                r = run(peer, data, a.ranks, workers, plain_row=True)
-                rows[peer, workers] = r
-                print(f"  w={workers} {peer}: " + (r["error"][-300:] if "error" in r else
-                      f"{r['rec_s']:.0f} rec/s/rank"), file=sys.stderr, flush=True)
+        for rep in range(a.repeat):  # interleaved, the best of each: a shared machine's noise
+            for workers in (0, 2):
+                for peer in ("plain", "horovod_iter-canonical", "horovod_iter-mixed"):
+                    r = run(peer, data, a.ranks, workers, plain_row=True)
+                    best = rows.get((peer, workers))
+                    if best is None or "error" in best or r.get("rec_s", 0) > best["rec_s"]:
+                        rows[peer, workers] = r
+                    print(f"  #{rep} w={workers} {peer}: " + (
+                        r["error"][-300:] if "error" in r else f"{r['rec_s']:.0f} rec/s/rank"),
+                        file=sys.stderr, flush=True)
     print(f"\n{a.ranks} ranks (torchrun, gloo), {SHARDS} shards, {n} records of 100 B, "
-          f"batch {BATCH}/rank, default_collate, one epoch; ratio: ours / plain loop\n")
+          f"batch {BATCH}/rank, default_collate, one epoch, best of {a.repeat} runs; ratio: "
+          "ours / plain loop\n")
     print("| workers | plain rec/s/rank | canonical rec/s/rank | ratio | "
           "mixed rec/s/rank | ratio |")
     print("|---|---|---|---|---|---|")
@@ -380,6 +385,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=100_000, help="records of ~100 B")
     ap.add_argument("--large", type=int, default=2_000, help="records of 100 KB")
     ap.add_argument("--only", nargs="*", help="peers to run (default: all installed)")
+    ap.add_argument("--repeat", type=int, default=2, help="--plain-row: runs of each (best)")
     ap.add_argument("--plain-row", action="store_true",
                     help="only the row 'ours vs a plain per-rank loop' (small records)")
     a = ap.parse_args()
