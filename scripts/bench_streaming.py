@@ -301,7 +301,8 @@ def run(peer: str, data: Path, ranks: int, workers: int, timeout: float = 180,
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                "--master_port", str(29500 + os.getpid() % 1000), __file__, "--role", "rank",
-               "--peer", peer, "--data", str(data), "--workers", str(workers), "--out", out] + ["--plain-row"] * plain_row
+               "--peer", peer, "--data", str(data), "--workers", str(workers),
+               "--out", out] + ["--plain-row"] * plain_row
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,

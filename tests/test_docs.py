@@ -457,7 +457,8 @@ def test_docs_build_strictly_and_render_no_raw_markup(site: Path):
            if ROLE.search(p.read_text()) or "&gt;&gt;&gt; " in p.read_text()]
     assert not raw, f"raw Sphinx roles or doctest prompts in {raw}: use backticks, fenced blocks"
     fences = [str(p.relative_to(site)) for p in site.rglob("*.html") if "```" in p.read_text()]
-    assert not fences, f"code blocks rendered as text (a fence the Markdown did not take) in {fences}"
+    assert not fences, \
+        f"code blocks rendered as text (a fence the Markdown did not take) in {fences}"
 
 
 def test_every_public_name_has_an_api_entry():

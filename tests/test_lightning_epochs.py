@@ -23,7 +23,7 @@ from toy_data import Ids
 import horovod_iter as hi
 
 L = pytest.importorskip("lightning")
-from horovod_iter.integrations.lightning import LoaderProgress
+from horovod_iter.integrations.lightning import LoaderProgress  # noqa: E402 - after the skip
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
