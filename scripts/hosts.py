@@ -332,7 +332,7 @@ class Cluster:
             with contextlib.suppress(OSError):
                 RUN.rmdir()
 
-    def __enter__(self) -> Cluster:  # noqa: PYI034 - Python 3.9 has no typing.Self
+    def __enter__(self) -> Cluster:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
@@ -381,7 +381,7 @@ class Cluster:
                     os.kill(pid, signal.SIGKILL)
         if ms <= 0:
             return
-        log = open(self.state_dir / host / "delay.log", "a")  # noqa: SIM115 - the child's
+        log = open(self.state_dir / host / "delay.log", "a")  # the child's
         self.popen(host, [sys.executable, str(Path(__file__).resolve()), "_delay", str(ms),
                           str(self.state_dir / host / "delay.ready")],
                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
