@@ -6,7 +6,8 @@ RTT given). Each rank runs a loop with no collective of its own - evaluation ove
 data with ``uneven="pad"`` (as gradient accumulation or local SGD would: only our messages
 cross the network) - whose step is ``--step-ms`` of compute (a sleep). Printed per launcher
 and RTT: the trainer's step time (steady state: from the 5th step to the last) against the
-compute step, the overhead in per cent, and the seconds our end-of-data check waited.
+compute step, the overhead in per cent, the pass's end (its confirmation message: once per
+pass, not per step) and the seconds our end-of-data check waited.
 
     python scripts/bench_heartbeat.py                       # RTT 0, 50, 200 ms, both launchers
     python scripts/bench_heartbeat.py --rtt 50 --launcher torch --steps 60
@@ -42,11 +43,12 @@ def worker(cfg: dict[str, Any]) -> None:
         stamps.append(time.perf_counter())
         time.sleep(cfg["step_s"])  # the trainer's compute, no collective
     stamps.append(time.perf_counter())
-    steady = stamps[SKIP:]
+    steady = stamps[SKIP:-1]  # batch to batch; the pass's end (one message) apart
     out = Path(cfg["out"]) / f"rank{b.rank}.json"
     out.write_text(json.dumps({
         "rank": b.rank, "steps": len(stamps) - 1,
         "step_s": (steady[-1] - steady[0]) / max(1, len(steady) - 1),
+        "end_s": stamps[-1] - stamps[-2] - cfg["step_s"],
         "sync_wait_s": loader.stats().get("sync_wait_s", 0.0)}))
 
 
@@ -104,7 +106,8 @@ def run(cluster: Any, launcher: str, rtt_ms: float, steps: int, step_s: float, d
     return {"launcher": launcher, "rtt_ms": rtt_ms, "data": data, "step_ms": step_s * 1e3,
             "measured_ms": worst["step_s"] * 1e3,
             "overhead_pct": (worst["step_s"] / step_s - 1) * 100,
-            "sync_wait_s": max(r["sync_wait_s"] for r in ranks), "steps": worst["steps"]}
+            "sync_wait_s": max(r["sync_wait_s"] for r in ranks), "steps": worst["steps"],
+            "end_ms": max(r["end_s"] for r in ranks) * 1e3}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"{launcher:<8} {data:<8} RTT {rtt:5.0f} ms: step "
                           f"{row['measured_ms']:7.1f} ms for {row['step_ms']:.0f} ms of compute "
-                          f"({row['overhead_pct']:+6.1f} %), our waits {row['sync_wait_s']:.2f} s "
-                          f"over {row['steps']} steps", flush=True)
+                          f"({row['overhead_pct']:+6.1f} %), the pass's end "
+                          f"{row['end_ms']:.0f} ms, our waits {row['sync_wait_s']:.2f} s over "
+                          f"{row['steps']} steps", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

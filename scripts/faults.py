@@ -2,7 +2,7 @@
 to raise (in the trainer's code or in its dataset), interrupted, loses a DataLoader worker, or
 leaves the loop early; every other rank must raise one of our errors within the loader's
 ``timeout`` (plus a small constant) and exit, so that the launcher ends the job, non-zero,
-within ``timeout + 30 s``. Control runs (no fault) must train on every sample exactly once.
+within ``timeout + 40 s``. Control runs (no fault) must train on every sample exactly once.
 
     python scripts/faults.py --runs 120 --seed 1          # a random sample of the matrix
     python scripts/faults.py --all --timeout 5            # every cell once
@@ -65,8 +65,10 @@ OURS = ("DataTimeoutError", "RankFailureError", "HorovodRankFailureError",
 DETECT_SLACK_S = 3.0
 #: the launcher ends the job within timeout + this after the fault: our ranks detect and
 #: exit within DETECT_SLACK_S, then a launcher may wait its own kill grace for a frozen
-#: process (torchrun: 30 s from SIGTERM to SIGKILL; horovodrun: 5 s)
-EXIT_SLACK_S = 30.0 + DETECT_SLACK_S
+#: process (torchrun: 30 s from SIGTERM to SIGKILL; horovodrun: 5 s, then 5 s more for the
+#: rank's stopped shell). Measured: torchrun + 31.2-33.0 s, horovodrun + 10.3-10.6 s; this
+#: is the documented bound, with margin (docs/troubleshooting.md)
+EXIT_SLACK_S = 40.0
 _TAG = "HOROVOD_ITER_FAULT_TAG"
 
 HOST_FAULTS = ("none", "host_kill", "host_stop", "host_partition", "kill", "stop")
@@ -676,6 +678,7 @@ def _report(a: argparse.Namespace, results: list[Result]) -> int:
         Path(a.json).write_text(json.dumps([dict(case=dataclasses.asdict(r.case),
                                                  outcome=r.outcome, detect_s=r.detect_s,
                                                  exit_s=r.exit_s, returncode=r.returncode,
+                                                 errors=r.errors,
                                                  detail=(r.detail.splitlines() or [""])[0])
                                             for r in results], indent=1))
     return 1 if bad else 0
