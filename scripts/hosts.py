@@ -276,10 +276,16 @@ class Cluster:
         _sh("ip", "-n", ns, "link", "set", "eth0", "up")
         for kind in ("uts", "mnt"):
             self._ns(host, kind).touch()
+        # a checkout under /tmp (a CI clone) stays visible under the host's own /tmp: bound
+        # into the host's folder first, then the folder with it (--rbind) on /tmp
+        keep = [p for p in {os.getcwd(), str(Path(sys.executable).parent)}
+                if p == "/tmp" or p.startswith("/tmp/")]
         script = "; ".join([
             "set -e", f"hostname {host}",
             "mount -t sysfs sysfs /sys",  # /sys/class/net shows this host's interfaces
-            f"mount --bind {self.tmp(host)} /tmp",
+            *(f"mkdir -p {self.tmp(host)}{p[4:]} && mount --bind {p} {self.tmp(host)}{p[4:]}"
+              for p in sorted(keep) if p != "/tmp"),
+            f"mount --rbind {self.tmp(host)} /tmp",
             f"mount --bind {d / 'hosts'} /etc/hosts",
             f"mount --bind {self.run_dir / 'ssh_config'} /etc/ssh/ssh_config",
         ])
