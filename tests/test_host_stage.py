@@ -25,7 +25,8 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 from toy_data import Ids
 
 import horovod_iter as hi
-from horovod_iter.fetch import FetchOptions, HostSource, host_batches, plan_batches
+from horovod_iter.fetch import FetchOptions, HostSource, _InlineSource, host_batches, plan_batches
+from horovod_iter.gather import BatchFetcher
 from horovod_iter.host_stage import ThreadedSource
 from horovod_iter.plan import EpochPlan
 
@@ -292,10 +293,13 @@ def test_any_length_error_and_close_point(n: int, depth: int, tagged: bool,
 
 
 # -- the real sources ------------------------------------------------------------------------
-def inline_source(n: int = 64, bs: int = 4, *, pin: bool = False) -> HostSource:
+def reusing_source(n: int = 64, bs: int = 4) -> tuple[HostSource, BatchFetcher]:
+    """The inline fetch path with CPU buffer reuse on (the loader's reuse_cpu_buffers)."""
     ds = TensorDataset(torch.arange(n * 6, dtype=torch.int64).view(n, 6))
     plan = EpochPlan(n=n, world=1, rank=0, seed=0, epoch=0, shuffle=False)
-    return host_batches(ds, FetchOptions(bs, pin=pin), indices=plan_batches(plan, 0, bs, False))
+    arrays, count = plan_batches(plan, 0, bs, False)
+    fetcher = BatchFetcher(ds, None, False, 0, reuse=True)
+    return _InlineSource(arrays, count, fetcher), fetcher
 
 
 def expected(step: int, bs: int = 4) -> torch.Tensor:
@@ -307,7 +311,8 @@ def test_reused_buffers_are_never_overwritten_under_the_thread() -> None:
     batches while the trainer holds, views, scribbles on and drops others, every batch the
     trainer kept still holds its own values (tests/test_fetch.py's poison test, threaded)."""
     for depth in (1, 2, 4):
-        ts = ThreadedSource(inline_source(), depth)
+        src, fetcher = reusing_source()
+        ts = ThreadedSource(src, depth)
         kept, views = [], []
         for step, (x,) in enumerate(ts):
             if step % 3 == 0:
@@ -318,6 +323,7 @@ def test_reused_buffers_are_never_overwritten_under_the_thread() -> None:
                 x.fill_(-1)  # ours to scribble on: dropped right after
             del x
         ts.close()
+        assert fetcher.buffers is not None and fetcher.buffers.reuses > 0  # else proves nothing
         for step, x in kept:
             assert torch.equal(x, expected(step)), (depth, step)
         for step, v, a in views:
@@ -401,8 +407,8 @@ def test_torch_dataloader_workers_closed_from_the_thread() -> None:
 class ThreadedLoader(hi.DistributedLoader):
     """What the loader's proposed ``fetch_thread=True`` does in ``_start``."""
 
-    def _start(self, ahead: Any) -> Any:
-        pass_, source, options = super()._start(ahead)
+    def _start(self, *args: Any) -> Any:
+        pass_, source, options = super()._start(*args)
         return pass_, ThreadedSource(source, max(1, self.prefetch), device=self.device), options
 
 
