@@ -214,6 +214,24 @@ def test_bad_depth_is_refused() -> None:
             ThreadedSource(Fake(1), depth)  # type: ignore[arg-type]
 
 
+@pytest.mark.cuda
+def test_the_thread_works_on_the_trainer_device() -> None:
+    """Pinning and CUDA work in the thread land on the given device (torch's pin-memory
+    thread sets it too), not on the thread's default device 0."""
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    seen: list[int] = []
+
+    class Pinning(Fake):
+        def __next__(self) -> Any:
+            batch = super().__next__()
+            seen.append(torch.cuda.current_device())
+            return batch.pin_memory()
+
+    batches = list(ThreadedSource(Pinning(3), 2, device=dev))
+    assert len(batches) == 3 and all(b.is_pinned() for b in batches)
+    assert set(seen) == {dev.index}
+
+
 # -- close(): prompt, never hangs, releases the thread and the wrapped source ----------------
 def test_close_while_the_thread_waits_for_room() -> None:
     src = Fake(50)
