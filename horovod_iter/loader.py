@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, Sampler
 from .backend import Backend, get_backend, init, is_provisional
 from .batching import RankBatches
 from .fetch import FetchOptions, HostSource
+from .host_stage import ThreadedSource
 from .iterator import DistributedIterator, Pass, PassOptions
 from .loader_config import UNSET as _UNSET
 from .loader_config import Unset as _Unset
@@ -122,6 +123,15 @@ class DistributedLoader:
         seed: as for `DistributedSampler` (map-style only).
         device: where batches go; ``None`` means the current CUDA device, or CPU.
         prefetch: batches copied to the GPU ahead of the one being consumed.
+        fetch_thread: with ``num_workers=0``, fetch, collate and pin the next
+            ``max(1, prefetch)`` batches on a thread of ours while the step runs, so a loop
+            that syncs every step costs the larger of fetch and step, not their sum. Pays
+            where the fetch releases the GIL (``TensorDataset`` gathers, zlib/numpy/PIL
+            decoders, file reads); per-sample Python gains nothing (use ``num_workers``).
+            Batches, order, ``state_dict()`` and errors (at their step) are unchanged. The
+            dataset runs on that thread: its global-RNG draws interleave with the trainer's,
+            and the trainer thread's thread-local settings (``torch.no_grad()``) do not apply
+            there. Not with ``num_workers > 0``.
         device_transform: a function of a device batch, run on the copy's side stream (see
             `CudaPrefetcher`); in line on CPU.
         uneven: when ranks run out at different steps: ``"stop"`` (all stop at the first step
@@ -171,7 +181,7 @@ class DistributedLoader:
                  *, prefetch_factor: int | None = None, persistent_workers: bool = False,
                  pin_memory_device: str = "", in_order: bool = True,
                  global_batch_size: int | None = None, seed: int | None = 0,
-                 device: Any = None, prefetch: int = 2,
+                 device: Any = None, prefetch: int = 2, fetch_thread: bool = False,
                  device_transform: Callable[[Any], Any] | None = None,
                  uneven: Uneven = "stop", even_batches: bool = False,
                  mark_padding: Callable[[Any, torch.Tensor], Any] | None = None,
@@ -269,6 +279,15 @@ class DistributedLoader:
         self.collate_fn = collate_fn
         self.worker_init_fn = worker_init_fn
         self.prefetch = int(prefetch)
+        if not isinstance(fetch_thread, bool):
+            raise TypeError(f"fetch_thread must be a bool, got {fetch_thread!r}")
+        if fetch_thread and int(num_workers) > 0:
+            raise ValueError(
+                f"fetch_thread=True fetches on a thread of this process, for num_workers=0; "
+                f"with num_workers={num_workers} the DataLoader workers already fetch ahead "
+                "of the step: choose one (workers for per-sample Python work, the thread for "
+                "fetches that release the GIL: tensor gathers, C decoders, file reads)")
+        self.fetch_thread = fetch_thread
         self.device_transform = device_transform
         #: seconds a rank waits for the others (and for its DataLoader workers); None: no limit
         self.sync_timeout = None if timeout is None else float(timeout)
@@ -465,6 +484,8 @@ class DistributedLoader:
                      steps=resume.steps if resume else 0,
                      samples=resume.samples if resume else 0)
         source = self._source.open(deal, opts, pass_, resume, self._workers)
+        if self.fetch_thread:
+            source = ThreadedSource(source, max(1, self.prefetch), device=self.device)
         self._pass = pass_
         self._iterations += 1
         try:

@@ -537,3 +537,30 @@ def test_any_configuration_equals_inline(world: int, n: int, batch: int, uneven:
     if stop_after is not None and res[0]["state"] is not None:
         both(world, make, batch=batch, uneven=uneven, prefetch=prefetch,
              state_in=resumed(res))
+
+
+def test_the_loader_argument_fetch_thread_gives_the_inline_batches_and_state():
+    """``DistributedLoader(fetch_thread=True)``: the same batches and the same resume as
+    inline, on 2 thread-world ranks; refused with workers."""
+    from thread_world import run_ranks
+    from toy_data import Ids
+
+    def fn(b):
+        out = []
+        for thread in (False, True):
+            loader = hi.DistributedLoader(Ids(23), batch_size=3, backend=b, uneven="pad",
+                                          fetch_thread=thread)
+            it = iter(loader)
+            head = [next(it).tolist() for _ in range(2)]
+            state = loader.state_dict()
+            loader.close()
+            again = hi.DistributedLoader(Ids(23), batch_size=3, backend=b, uneven="pad",
+                                         fetch_thread=thread)
+            again.load_state_dict(state)
+            out.append((head, [x.tolist() for x in again]))
+        return out
+
+    for inline, threaded in run_ranks(2, fn, timeout=60):
+        assert inline == threaded
+    with pytest.raises(ValueError, match="fetch_thread=True"):
+        hi.DistributedLoader(Ids(4), num_workers=2, fetch_thread=True)
