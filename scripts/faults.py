@@ -253,6 +253,11 @@ def run_case(case: Case, timeout: float = 5.0, n: int = 240, epochs: int = 3,
                                                     *OURS):
         return _verdict(res, "foreign", f"faulty rank {case.frank} raised {own['error']}",
                         output)
+    if case.fault == "worker_kill" and own is not None and own.get("error") is not None and (
+            own["error"] != "SampleError" or "DataLoader worker" not in own.get("message", "")):
+        # a killed worker is our SampleError naming it, never torch's raw RuntimeError
+        return _verdict(res, "foreign", f"faulty rank {case.frank} raised {own['error']} for "
+                        f"its killed worker: {own.get('message', '')[:200]}", output)
     res.detect_s = worst
     if proc.returncode == 0:
         return _verdict(res, "zero_exit", "the launcher exited 0 after a fault", output)
