@@ -314,14 +314,16 @@ def test_iterating_after_the_backend_is_closed_raises_our_error() -> None:
 
 
 def test_map_style_stall_in_getitem_is_noticed_mid_pass() -> None:
-    """Rank 1's dataset stops in its 21st __getitem__ (step 10 of 2000): rank 0 hears no
-    heartbeat and raises mid-pass, not at the end-of-pass confirmation."""
+    """Rank 1's dataset stops in its 21st __getitem__ (step 10 of 10000): rank 0 hears no
+    heartbeat and raises mid-pass, not at the end-of-pass confirmation (a heartbeat period is
+    at most 1024 steps, two in flight: rank 0 stops within about 2100 steps, whatever the
+    machine's load)."""
     def fn(b: ThreadBackend) -> Any:
         calls = [0]
 
         class Ids(Dataset):
             def __len__(self) -> int:
-                return 8000
+                return 40000
 
             def __getitem__(self, i: int) -> Any:
                 calls[0] += 1
@@ -342,7 +344,7 @@ def test_map_style_stall_in_getitem_is_noticed_mid_pass() -> None:
     res = run_ranks(2, fn)
     assert isinstance(res[1], RankStalled)
     got, err = res[0]
-    assert isinstance(err, hi.DataTimeoutError) and 10 <= got < 1000, (got, err)
+    assert isinstance(err, hi.DataTimeoutError) and 10 <= got < 10000, (got, err)
 
 
 @pytest.mark.parametrize("before, after", [(3, 2), (2, 4)])
