@@ -102,15 +102,19 @@ def _two_checkpoints(make_loader):
     return res[0]
 
 
+def loader_of(kind, b):
+    """A loader of each kind the position checks cover, on backend ``b``."""
+    if kind == "map":
+        return hi.DistributedLoader(Ids(40), batch_size=2, backend=b)
+    if kind == "sharded":
+        return hi.DistributedLoader(sharded(b), batch_size=2, backend=b, uneven="pad")
+    return hi.DistributedLoader(sharded(b, canonical_ranks=2), global_batch_size=4, backend=b)
+
+
 @pytest.mark.parametrize("kind", ["map", "sharded", "canonical"])
 def test_row4_ranks_resumed_from_different_checkpoints_are_refused(kind):
     def make(b):
-        if kind == "map":
-            return hi.DistributedLoader(Ids(40), batch_size=2, backend=b)
-        if kind == "sharded":
-            return hi.DistributedLoader(sharded(b), batch_size=2, backend=b, uneven="pad")
-        return hi.DistributedLoader(sharded(b, canonical_ranks=2), global_batch_size=4,
-                                    backend=b)
+        return loader_of(kind, b)
 
     first, second = _two_checkpoints(make)
 
@@ -164,12 +168,7 @@ def _keys(value, path=()):
 @pytest.mark.parametrize("kind", ["map", "sharded", "canonical"])
 def test_row12_fresh_and_used_states_have_the_same_keys(kind):
     def make(b):
-        if kind == "map":
-            return hi.DistributedLoader(Ids(40), batch_size=2, backend=b)
-        if kind == "sharded":
-            return hi.DistributedLoader(sharded(b), batch_size=2, backend=b, uneven="pad")
-        return hi.DistributedLoader(sharded(b, canonical_ranks=2), global_batch_size=4,
-                                    backend=b)
+        return loader_of(kind, b)
 
     def fn(b):
         fresh = make(b).state_dict()
