@@ -21,6 +21,7 @@ import time
 import torch
 from harness import report
 from torch.utils.data import Dataset, IterableDataset
+from toy_data import record, take
 
 import horovod_iter as hi
 
@@ -121,31 +122,10 @@ try:
                 json.dump(loader.state_dict(), f)
             it.close()
             break
-        mode = cfg.get("mode", "next")
-        if mode == "get_next":
-            try:
-                batch = it.get_next()
-            except hi.OutOfRangeError:
-                break
-        elif mode == "optional":
-            batch = it.get_next_as_optional()
-            if batch is None:
-                break
-        else:
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-        assert batch["x"].shape[1:] == (3,) and batch["x"].shape[0] == batch["id"].shape[0]
-        factor = 2.0 if cfg.get("device_transform") else 1.0
-        assert torch.equal(batch["x"][:, 0], batch["id"].float() * factor)
-        if cfg.get("scalar_leaf") and not cfg.get("even"):
-            assert batch["ntok"].dim() == 0 and int(batch["ntok"]) == batch["id"].shape[0]
-        if cfg.get("even"):
-            out.setdefault("rows", []).append(batch["id"].shape[0])
-            out["batches"].append(batch["id"][~batch["padding"]].tolist())
-        else:
-            out["batches"].append(batch["id"].tolist())
+        batch = take(it, cfg.get("mode", "next"))
+        if batch is None:
+            break
+        record(batch, cfg, out)
         step += 1
         if cfg.get("step_sleep"):
             time.sleep(cfg["step_sleep"])
