@@ -23,11 +23,14 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
-def cuda_time(fn, repeats: int = 5) -> float:
+def cuda_time(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """Seconds of GPU time per call of ``fn`` (events around ``repeats`` calls)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     torch.cuda.synchronize()

@@ -30,10 +30,11 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from bench_overlap import cuda_time  # scripts/ is on the path of a script run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MS = 1_400_000  # torch.cuda._sleep cycles of about a millisecond
@@ -83,19 +84,6 @@ def run_tests(timeout: float) -> None:
             check(f"test {name}", bad is None, detail)
         check("pytest -m cuda ran", ran > 0 and proc.returncode in (0, 1),
               f"{ran} tests in {took:.0f} s, exit {proc.returncode}")
-
-
-def cuda_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    """Seconds of GPU time per call of ``fn`` (events around ``repeats`` calls)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
 
 
 def overlap(sizes_mb: list[int], steps: int) -> None:
