@@ -106,6 +106,8 @@ class AsyncHandle(ABC):
         half of a chained one, while polling or while collecting."""
         if not self._finished:
             b = self._backend
+            if b is not None:
+                b.await_connection(timeout, what)
             if not poll_until(self._poll, timeout):
                 assert b is not None
                 err = timeout_error(b, what, timeout)
@@ -248,6 +250,12 @@ class Backend(ABC):
 
     def _on_failure(self) -> None:  # noqa: B027 - optional hook
         """Called once, when the backend first fails."""
+
+    def await_connection(self, timeout: float | None, what: str) -> None:  # noqa: B027
+        """Wait (at most ``timeout`` s) until this process's group is connected, before a
+        collective's own ``timeout`` starts: connecting grows with the hosts' distance and
+        number, and must not eat the first message's time. Most backends are connected from
+        the start."""
 
     def failed_with(self, what: str, error: Exception) -> HorovodIterError:
         """Mark the backend failed by ``error`` (raised while starting or finishing ``what``)

@@ -8,11 +8,11 @@ size from torch.distributed (when it is up) or the launcher's environment, and t
 from the launcher's environment (`LOCAL_ENV`), so one rank may make it alone - a rank-0 hook
 calling ``hi.get_backend()``, ``len()`` of a DataLoader holding our sampler - while the others
 are in the trainer's own collectives. Our group is made at the first collective of ours, which
-every rank issues at the same point, in a thread whose wait is that collective's own bounded
-wait (the connection is bounded like any wait of ours, and ops issued meanwhile are queued in
-order). It is a ``ProcessGroupGloo`` built on a store, not ``dist.new_group``: ``new_group``
-must be called by every rank in the same order as the trainer's groups and waits for all of
-them, and it cannot be told where to bind. The store is torchrun's agent store under torchrun
+every rank issues at the same point, in a thread; that collective waits up to its own
+``timeout`` for the connection and then its ``timeout`` for its result (ops issued meanwhile
+are queued in order). It is a ``ProcessGroupGloo`` built on a store, not
+``dist.new_group``: ``new_group`` must be called by every rank in the same order as the
+trainer's groups and waits for all of them, and it cannot be told where to bind. The store is torchrun's agent store under torchrun
 (a key prefix of ours per restart; the default group is left alone, so a loader built before
 the trainer's ``init_process_group`` leaves that call to the trainer), else the default group's
 store; when nobody initialised torch.distributed (``MASTER_ADDR``/``RANK`` set by hand) we
@@ -367,6 +367,26 @@ class TorchBackend(Backend):
                 f"rank died, see its log; if the hosts reach each other on another interface, "
                 f"name it with {IFNAME_ENV} or {NIC_ENV} (e.g. eth0).") from e
         return group, local
+
+    def await_connection(self, timeout: float | None, what: str) -> None:
+        """Our group is made at our first collective: that collective waits up to its
+        ``timeout`` for the group to connect, then its ``timeout`` again for its result.
+        A full-mesh connect through a store one host holds takes several round trips (about
+        5 s for 4 ranks on 2 hosts at 200 ms RTT on a loaded host), which charged to the
+        first message alone timed it out on hosts that were merely far apart."""
+        setup = self._setup
+        if setup is None or setup.done():
+            return
+        if not poll_until(setup.done, timeout):
+            err = DataTimeoutError(
+                f"rank {self._rank} of {self._size} (torch backend): horovod_iter's gloo group "
+                f"did not connect within {timeout} s (for {what}, the first collective of this "
+                "process): another rank is stalled, has died, or has not reached its first "
+                "loader pass; on hosts far apart or many ranks, connecting takes longer: raise "
+                "`timeout`. If the hosts reach each other on another interface, name it with "
+                f"{IFNAME_ENV} or {NIC_ENV}.")
+            self.fail(str(err))
+            raise err
 
     def _flush(self) -> None:
         """Issue the queued ops, in their order, once our group is made (raises its error)."""

@@ -27,6 +27,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -469,23 +470,33 @@ def _death_of(it: Any) -> _Death | None:
 
 
 #: how long an error that a worker's death may cause waits for that death to show
-_DEATH_GRACE_S = 2.0
+_DEATH_GRACE_S = 5.0
 
 
 def _death_behind(it: Any, e: Exception) -> _Death | None:
     """The worker death behind ``e``, if any. A worker killed after it sent a batch makes the
     batch unreadable (its tensors' file descriptors come from the dead process:
-    ``ConnectionResetError``) before the process is reaped: such an error waits (at most
-    `_DEATH_GRACE_S`) for a worker to end."""
+    ``ConnectionResetError``) before the process can be reaped: the kernel closes a dying
+    process's files (its sockets, its sentinel pipe) before it becomes a zombie, and on a
+    loaded host that takes a while. Such an error waits (at most `_DEATH_GRACE_S`, never
+    longer than the loader's own timeout would have) for a worker's exit status to show."""
     death = _death_of(it)
     text = str(e)
     foreign = isinstance(e, (OSError, EOFError, pickle.UnpicklingError)) and \
         "in DataLoader worker process" not in text  # not the dataset's, re-raised by torch
-    if death is None and (foreign or _from_workers(e) or "thread exited unexpectedly" in text):
-        running = [w.sentinel for w in getattr(it, "_workers", ()) if w.exitcode is None]
-        if running and not getattr(it, "_shutdown", True):
-            multiprocessing.connection.wait(running, _DEATH_GRACE_S)
-            death = _death_of(it)
+    if death is not None or not (
+            foreign or _from_workers(e) or "thread exited unexpectedly" in text):
+        return death
+    deadline = time.monotonic() + _DEATH_GRACE_S
+    while death is None and not getattr(it, "_shutdown", True):
+        left = deadline - time.monotonic()
+        running = [w for w in getattr(it, "_workers", ()) if w.exitcode is None]
+        if left <= 0 or not running:
+            break
+        ready = multiprocessing.connection.wait([w.sentinel for w in running], left)
+        if ready:  # its files are closed; its exit status comes a moment later
+            time.sleep(0.005)
+        death = _death_of(it)
     return death
 
 

@@ -90,3 +90,33 @@ def test_a_fast_world_keeps_the_period_near_a_tenth_of_a_second(monkeypatch):
         clock.now += step_s
     # 20 s of steps, a message about every 0.1 s (2 steps)
     assert steps * step_s / 0.1 * 0.8 <= world.messages <= steps * step_s / 0.1 * 1.2 + 4
+
+
+@pytest.mark.parametrize("kind", ["map", "iterable"])
+def test_the_next_pass_starts_at_the_pace_the_last_one_settled_on(monkeypatch, kind):
+    """Short passes between far hosts (an evaluation loop, small epochs) were mostly warm-up:
+    each pass started at 8 steps a message, so with 1.2 s messages the third message waited
+    ~1 s. A loader's passes share their message counter, which keeps the agreed period and
+    the latency: from the second pass on only the configuration check and the end wait."""
+    clock = Clock()
+    monkeypatch.setattr(sync_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    latency, steps, step_s = 1.2, 60, 0.05
+    world, ops = SlowWorld(clock, latency), sync_mod.MessageCounter()
+    extra = []
+    for serial in range(3):
+        t0, seen = clock.now, 0
+        it = EndOfDataSync(iter(range(steps)), world, "stop", timeout=60,  # type: ignore[arg-type]
+                           ops=ops, serial=serial,
+                           num_batches=steps if kind == "map" else None)
+        for _ in it:
+            clock.now += step_s
+            seen += 1
+        assert seen == steps
+        extra.append(clock.now - t0 - steps * step_s)
+    # the first pass warms up (waits beyond the configuration check and the end); the next
+    # ones start at its pace. Map-style data then waits for those two messages and nothing
+    # else; iterable data still reports its first batches in the first message, whose wait
+    # ends the look-ahead: about 2 latencies more (was 8.05 s on every pass)
+    assert extra[0] > 2 * latency + 0.3, extra
+    later = 2 * latency if kind == "map" else 4.5 * latency
+    assert all(e <= later + 0.1 * steps * step_s for e in extra[1:]), extra
