@@ -12,8 +12,8 @@ every rank issues at the same point, in a thread; that collective waits up to it
 ``timeout`` for the connection and then its ``timeout`` for its result (ops issued meanwhile
 are queued in order). It is a ``ProcessGroupGloo`` built on a store, not
 ``dist.new_group``: ``new_group`` must be called by every rank in the same order as the
-trainer's groups and waits for all of them, and it cannot be told where to bind. The store is torchrun's agent store under torchrun
-(a key prefix of ours per restart; the default group is left alone, so a loader built before
+trainer's groups and waits for all of them, and it cannot be told where to bind. The store
+is torchrun's agent store under torchrun (a key prefix of ours per restart; the default group is left alone, so a loader built before
 the trainer's ``init_process_group`` leaves that call to the trainer), else the default group's
 store; when nobody initialised torch.distributed (``MASTER_ADDR``/``RANK`` set by hand) we
 initialise it then, at our first collective.
