@@ -10,13 +10,13 @@ calling ``hi.get_backend()``, ``len()`` of a DataLoader holding our sampler - wh
 are in the trainer's own collectives. Our group is made at the first collective of ours, which
 every rank issues at the same point, in a thread; that collective waits up to its own
 ``timeout`` for the connection and then its ``timeout`` for its result (ops issued meanwhile
-are queued in order). It is a ``ProcessGroupGloo`` built on a store, not
-``dist.new_group``: ``new_group`` must be called by every rank in the same order as the
-trainer's groups and waits for all of them, and it cannot be told where to bind. The store
-is torchrun's agent store under torchrun (a key prefix of ours per restart; the default group is left alone, so a loader built before
-the trainer's ``init_process_group`` leaves that call to the trainer), else the default group's
-store; when nobody initialised torch.distributed (``MASTER_ADDR``/``RANK`` set by hand) we
-initialise it then, at our first collective.
+are queued in order). It is a ``ProcessGroupGloo`` built on a store, not ``dist.new_group``:
+``new_group`` must be called by every rank in the same order as the trainer's groups and waits
+for all of them, and it cannot be told where to bind. The store is torchrun's agent store under
+torchrun (a key prefix of ours per restart; the default group is left alone, so a loader built
+before the trainer's ``init_process_group`` leaves that call to the trainer), else the default
+group's store; when nobody initialised torch.distributed (``MASTER_ADDR``/``RANK`` set by hand)
+we initialise it then, at our first collective.
 
 **Where our group binds**: the interfaces in ``GLOO_SOCKET_IFNAME`` (gloo's own variable), else
 ``HOROVOD_ITER_NIC``, else this host's name when it resolves to an address of this host (gloo's
