@@ -478,8 +478,9 @@ def _death_behind(it: Any, e: Exception) -> _Death | None:
     batch unreadable (its tensors' file descriptors come from the dead process:
     ``ConnectionResetError``) before the process can be reaped: the kernel closes a dying
     process's files (its sockets, its sentinel pipe) before it becomes a zombie, and on a
-    loaded host that takes a while. Such an error waits (at most `_DEATH_GRACE_S`, never
-    longer than the loader's own timeout would have) for a worker's exit status to show."""
+    loaded host that takes a while (the 2 s this waited before were once too short in 100
+    killed workers). Such an error waits at most `_DEATH_GRACE_S` for a worker's exit status
+    to show; an error with no death behind it pays that once, on its way to failing the job."""
     death = _death_of(it)
     text = str(e)
     foreign = isinstance(e, (OSError, EOFError, pickle.UnpicklingError)) and \

@@ -29,6 +29,7 @@ Stages are single-threaded (``torch.set_num_threads(1)``, batches under the gath
 parallel split) so that fetch and compute each fit one core of a 2-core machine.
 
     python scripts/bench_host_stage.py [--rounds 10] [--repeats 1] [--cases ...]
+    python scripts/bench_host_stage.py --cases decode-stream --pass-batches 200
 """
 from __future__ import annotations
 
@@ -236,7 +237,13 @@ def main() -> None:
     p.add_argument("--cases", nargs="+",
                    default=["gather", "decode", "decode-stream", "python", "python+pystep"])
     p.add_argument("--repeats", type=int, default=1, help="runs of every case (spread)")
+    p.add_argument("--pass-batches", type=int, default=PASS,
+                   help="batches per pass of the decode and python cases (the gather's rows "
+                        "stay as they are); iterable data builds its look-ahead at each "
+                        "pass's start, so short passes show that cost")
     a = p.parse_args()
+    global PASS
+    PASS = a.pass_batches
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     hi.init("local")
