@@ -54,3 +54,26 @@ def test_locate_matches_the_per_epoch_loop() -> None:
         src, inner = m.locate(idx)
         want_src, want_inner = _reference_locate(m, idx)
         assert np.array_equal(src, want_src) and np.array_equal(inner, want_inner)
+
+
+def test_tabled_round_functions_give_the_same_permutation(monkeypatch) -> None:
+    """Round functions read from tables (halves <= 16 bits, many positions at once: the fast
+    path a fetch thread takes) are the computed ones: every order, every size, small and large
+    asks, with and without the tables made."""
+    import horovod_iter.permutation as perm
+
+    rng = np.random.default_rng(7)
+    sizes = [2, 3, 5, 100, 4097, 65537, 1_200_000, (1 << 32) - 1, 1 << 32, (1 << 32) + 5]
+    for n in sizes:
+        seed, epoch = int(rng.integers(0, 2**40)), int(rng.integers(0, 1000))
+        pos = rng.integers(0, n, min(n, 40_000))
+        perm._TABLES.clear()
+        fast, one = permute(pos, n, seed, epoch), permute(pos[:1], n, seed, epoch)
+        with monkeypatch.context() as m:
+            m.setattr(perm, "_TABLE_BITS", 0)  # every round computed
+            slow = permute(pos, n, seed, epoch)
+        assert np.array_equal(fast, slow) and one[0] == slow[0], n
+    # a lone position of a big epoch builds no table (it costs microseconds, not a table)
+    perm._TABLES.clear()
+    permute(5, 1 << 31, 1, 2)
+    assert not perm._TABLES
