@@ -231,6 +231,7 @@ def run_case(ds: Dataset, batch: int, make_step: Callable[[int], Any], rounds: i
 
 
 def main() -> None:
+    global PASS
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=10, help="timings per figure (the best)")
@@ -242,7 +243,6 @@ def main() -> None:
                         "stay as they are); iterable data builds its look-ahead at each "
                         "pass's start, so short passes show that cost")
     a = p.parse_args()
-    global PASS
     PASS = a.pass_batches
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
