@@ -31,9 +31,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ._deprecation import warn_deprecated
 from .backend import get_backend
-from .canonical import check_world, stream_position
 from .permutation import permute_epochs
 from .sharded import ShardedDataset
+from .shards.canonical import check_world, close_streams, stream_position
 
 __all__ = ["MixedDataset", "MixedStream"]
 
@@ -418,10 +418,7 @@ class MixedStream(IterableDataset[Any]):
                         self._own[key] += n
                 yield batch
         finally:
-            for it in streams.values():
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
+            close_streams(streams.values())
 
     @staticmethod
     def _endless(d: Any, stream: int, start: int) -> Iterator[Any]:

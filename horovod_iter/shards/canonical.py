@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +35,9 @@ from .deal import STATE_TYPE, STATE_VERSION, shard_order
 from .reader import ShardReader
 from .remote import is_remote
 
-__all__ = ["CanonicalPosition", "CanonicalStreams", "Layout", "check_world", "merge_key",
-           "merge_offsets", "sizes_digest", "stream_lengths", "stream_pieces", "stream_position",
-           "window_labels"]
+__all__ = ["CanonicalPosition", "CanonicalStreams", "Layout", "check_world", "close_streams",
+           "merge_key", "merge_offsets", "sizes_digest", "stream_lengths", "stream_pieces",
+           "stream_position", "window_labels"]
 
 BLOCK = 1024  # records per block of a window's merge
 _END = object()
@@ -332,6 +332,15 @@ def merge_offsets(key: list[int], lengths: Sequence[int], start: int) -> list[in
             out += np.bincount(perm[:part], minlength=len(lengths))
         break
     return out.tolist()
+
+
+def close_streams(streams: Iterable[Iterator[Any]]) -> None:
+    """Close the stream iterators a pass opened (`CanonicalStreams.stream`, or generators
+    over them): one left mid-way releases its shard reader now, not when it is collected."""
+    for it in streams:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 class CanonicalStreams:

@@ -24,7 +24,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..backend import DEFAULT_TIMEOUT, get_backend
 from . import deal
-from .canonical import CanonicalPosition, CanonicalStreams, Layout, check_world, sizes_digest
+from .canonical import (
+    CanonicalPosition,
+    CanonicalStreams,
+    Layout,
+    check_world,
+    close_streams,
+    sizes_digest,
+)
 from .deal import STATE_TYPE, ConsumerState, Position
 from .reader import ShardReader, Tally
 from .remote import ShardCache, default_cache_dir
@@ -373,10 +380,7 @@ class ShardedDataset(IterableDataset[Any]):
                     self._own[s] = offsets[s]
                 yield batch
         finally:
-            for it in streams.values():
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
+            close_streams(streams.values())
             self._reader.want_none()
 
     def canonical_state(self, steps: int, base: dict[str, Any] | None, world: int,
