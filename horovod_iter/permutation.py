@@ -22,6 +22,7 @@ matters on a fetch thread, where each call hands the GIL back and forth with the
 from __future__ import annotations
 
 import hashlib
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -58,6 +59,7 @@ _TABLE_BITS = 16
 #: the round tables made last, by (seed, epoch, bits): a pass reads one epoch's over and over
 _TABLES: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
 _TABLES_KEPT = 8
+_TABLES_LOCK = threading.Lock()  # a fetch thread and the trainer's thread may both permute
 
 
 def _round_tables(seed: int, epoch: int, bits: int) -> tuple[np.ndarray, ...]:
@@ -85,9 +87,11 @@ def _tables_for(size: int, seed: int, epoch: int, bits: int) -> tuple[np.ndarray
     if tables is None:
         if size * 8 < (1 << c):
             return None
-        tables = _TABLES[key] = _round_tables(seed, epoch, bits)
-        while len(_TABLES) > _TABLES_KEPT:  # the oldest first (a race drops one more: fine)
-            _TABLES.pop(next(iter(_TABLES), key), None)
+        tables = _round_tables(seed, epoch, bits)
+        with _TABLES_LOCK:
+            _TABLES[key] = tables
+            while len(_TABLES) > _TABLES_KEPT:  # the oldest first
+                del _TABLES[next(iter(_TABLES))]
     return tables
 
 
