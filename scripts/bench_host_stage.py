@@ -11,9 +11,12 @@ for each dataset, it times
 * ``ours thread``: the same with the host stage on a thread (`ThreadedSource`, ``prefetch``
   batches ahead): ``fetch_thread=True`` once the loader has it, else a subclass doing the same.
 
-and prints per batch: the loader alone (fetch), the step alone on a ready batch (compute), the
+and prints per batch: the loader alone (fetch), the step alone on ready batches (compute), the
 loop (step), and ``step / max(fetch, compute)``: 1.00 is perfect overlap, ``(fetch + compute) /
-max`` (up to 2.00) is none. Datasets:
+max`` (up to 2.00) is none. ``compute`` is the step over a pass's worth of distinct batches made
+beforehand, as a loader hands them over (not in the CPU's caches: a 3.7 MB batch read once
+costs the step 1.08-1.09x its time on one batch read again and again, which ``hot`` shows).
+Datasets:
 
 * ``gather``: a ``TensorDataset`` of float32 rows, a shuffled batch gathered by index
   (``index_select``: releases the GIL); torch's loaders get torch's fast form for it
@@ -178,31 +181,46 @@ def python_step(k: int) -> Callable[[torch.Tensor], float]:
     return step
 
 
-def calibrate(make_step: Callable[[int], Callable[[torch.Tensor], float]], x: torch.Tensor,
-              target_s: float) -> tuple[Callable[[torch.Tensor], float], float]:
-    """The step whose time is closest to ``target_s``, and its time."""
+def calibrate(make_step: Callable[[int], Callable[[torch.Tensor], float]],
+              xs: list[torch.Tensor], target_s: float
+              ) -> tuple[Callable[[torch.Tensor], float], float]:
+    """The step whose time over the batches ``xs`` is closest to ``target_s``, and its time."""
     k = 1
     for _ in range(3):  # the step's fixed part (sync, slicing) makes one product cost more
-        t = min(timed_alone(make_step(k), x, 5) for _ in range(5))
+        t = min(timed_alone(make_step(k), xs, 5) for _ in range(5))
         k = max(1, round(k * target_s / t))
     step = make_step(k)
-    return step, timed_alone(step, x)
+    return step, timed_alone(step, xs)
 
 
-def timed_alone(step: Callable[[torch.Tensor], float], x: torch.Tensor, n: int = 30) -> float:
-    step(x)
+def timed_alone(step: Callable[[torch.Tensor], float], xs: list[torch.Tensor],
+                n: int = 30) -> float:
+    """Seconds per step over ``n`` steps, taking the batches ``xs`` in turn."""
+    step(xs[0])
     t0 = time.perf_counter()
-    for _ in range(n):
-        step(x)
+    for i in range(n):
+        step(xs[i % len(xs)])
     return (time.perf_counter() - t0) / n
 
 
+def pass_batches(ds: Dataset, batch: int) -> list[torch.Tensor]:
+    """A pass's worth of distinct batches (copies), for timing the step as a loader hands
+    batches over: each read once a pass, so not in the CPU's caches when its step comes."""
+    out = []
+    for b in DataLoader(ds, batch_size=batch, drop_last=True):
+        out.append(first_tensor(b).clone())
+        if len(out) == PASS:
+            break
+    return out
+
+
 def run_case(ds: Dataset, batch: int, make_step: Callable[[int], Any], rounds: int
-             ) -> list[tuple[str, float, float, float]]:
-    """(loader, fetch, compute, step) per batch: the best of ``rounds`` rounds, each timing
-    a pass of every loader alone and in the loop, in turn. Best, not median: on a shared
-    machine other processes only ever add time, so each figure's least disturbed timing is
-    the estimate of its own cost (and the ratios compare like with like)."""
+             ) -> list[tuple[str, float, float, float, float]]:
+    """(loader, fetch, compute, compute on one hot batch, step) per batch: the best of
+    ``rounds`` rounds, each timing a pass of every loader alone and in the loop, in turn.
+    Best, not median: on a shared machine other processes only ever add time, so each
+    figure's least disturbed timing is the estimate of its own cost (and the ratios compare
+    like with like)."""
     shuffle = not isinstance(ds, IterableDataset)  # a stream's workers each read all of it
     torch_kw: dict[str, Any] = dict(batch_size=batch, shuffle=shuffle, drop_last=True)
     if isinstance(ds, TensorDataset):  # torch's fast way: ds[list of indices], one gather
@@ -216,18 +234,20 @@ def run_case(ds: Dataset, batch: int, make_step: Callable[[int], Any], rounds: i
     }
     for loader in loaders.values():  # warm-up: workers, pages, buffers
         per_batch(loader, None)
-    x = first_tensor(next(iter(DataLoader(ds, batch_size=batch))))
+    xs = pass_batches(ds, batch)
     target = min(per_batch(loaders["ours inline"], None) for _ in range(5))
-    step, _ = calibrate(make_step, x, target)
+    step, _ = calibrate(make_step, xs, target)
     fetch: dict[str, list[float]] = {k: [] for k in loaders}
     loop: dict[str, list[float]] = {k: [] for k in loaders}
     compute: list[float] = []
+    hot: list[float] = []
     for _ in range(rounds):
-        compute.append(timed_alone(step, x))
+        compute.append(timed_alone(step, xs, 2 * len(xs)))
+        hot.append(timed_alone(step, xs[:1]))
         for label, loader in loaders.items():
             fetch[label].append(per_batch(loader, None))
             loop[label].append(per_batch(loader, step))
-    return [(k, min(fetch[k]), min(compute), min(loop[k])) for k in loaders]
+    return [(k, min(fetch[k]), min(compute), min(hot), min(loop[k])) for k in loaders]
 
 
 def main() -> None:
@@ -256,17 +276,17 @@ def main() -> None:
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread, "
           f"best of {a.rounds} passes of {PASS} batches; ms per batch")
-    print(f"{'case':<14} {'loader':<20} {'fetch':>7} {'compute':>8} {'step':>7} "
+    print(f"{'case':<14} {'loader':<20} {'fetch':>7} {'compute':>8} {'hot':>6} {'step':>7} "
           f"{'step/max':>9} {'serial/max':>10}")
     ratios: dict[tuple[str, str], list[float]] = {}
     for _ in range(a.repeats):
         for case in a.cases:
             make_ds, batch, make_step = cases[case]
-            for label, f, c, s in run_case(make_ds(), batch, make_step, a.rounds):
+            for label, f, c, h, s in run_case(make_ds(), batch, make_step, a.rounds):
                 best = max(f, c)
                 ratios.setdefault((case, label), []).append(s / best)
-                print(f"{case:<14} {label:<20} {f * 1e3:7.2f} {c * 1e3:8.2f} {s * 1e3:7.2f} "
-                      f"{s / best:9.2f} {(f + c) / best:10.2f}", flush=True)
+                print(f"{case:<14} {label:<20} {f * 1e3:7.2f} {c * 1e3:8.2f} {h * 1e3:6.2f} "
+                      f"{s * 1e3:7.2f} {s / best:9.2f} {(f + c) / best:10.2f}", flush=True)
     if a.repeats > 1:
         print("\nstep / max(fetch, compute) over the runs: median (min-max)")
         for (case, label), r in ratios.items():
