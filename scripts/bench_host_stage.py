@@ -9,7 +9,7 @@ for each dataset, it times
   True)`` (``pin_memory`` does nothing without CUDA);
 * ``ours inline``: ``DistributedLoader`` at ``num_workers=0`` (fetch in the loop);
 * ``ours thread``: the same with the host stage on a thread (`ThreadedSource`, ``prefetch``
-  batches ahead): ``fetch_thread=True`` once the loader has it, else a subclass doing the same.
+  batches ahead): ``fetch_thread=True``.
 
 and prints per batch: the loader alone (fetch), the step alone on ready batches (compute), the
 loop (step), and ``step / max(fetch, compute)``: 1.00 is perfect overlap, ``(fetch + compute) /

@@ -24,6 +24,18 @@ def test_stats_figures_of_an_epoch():
     assert s["sync_wait_s"] >= 0 and s["h2d_bytes"] == 0  # CPU: no copy
 
 
+def test_stats_are_kept_when_a_pass_is_left_by_break_or_a_peek():
+    loader = hi.DistributedLoader(tds(), batch_size=8, shuffle=False)
+    assert loader.stats() == {}  # no pass yet
+    for step, _ in enumerate(loader):
+        if step == 2:
+            break
+    assert loader.stats()["steps"] == 3  # the iterator is gone; its figures stay
+    next(iter(loader))
+    s = loader.stats()
+    assert s["steps"] == 1 and 0 <= s["input_bound_fraction"] <= 1
+
+
 def test_progress_logs_without_tqdm_and_stats_at_epoch_end(caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
