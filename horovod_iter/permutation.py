@@ -13,7 +13,7 @@ Horovod's ElasticSampler). Round function: the murmur3 64-bit finaliser of (half
 a strong avalanche mixer; by Luby-Rackoff, >= 4 rounds of a good round function give a
 pseudorandom permutation, and we use 8.
 
-Everything here is vectorised numpy on uint64 arrays; no state, no I/O. Where a round's
+Everything here is vectorised numpy on 64-bit integer arrays; no state, no I/O. Where a round's
 input half has at most 16 bits (``n <= 2**32``) and enough positions are asked at once, each
 round function is read from a table of its values (made once per seed, epoch and size, <= 4 MB)
 and the two halves are kept apart: the same permutation with a third of the numpy calls and none
