@@ -23,7 +23,8 @@ It changes nothing the trainer sees:
   too (a finalizer: the thread never refers to it).
 
 The dataset's code runs on that thread: the trainer thread's thread-local settings (grad mode,
-autocast, the current CUDA stream) do not apply there, and draws from the global random
+autocast, the current CUDA stream) do not apply there (a batch with CUDA tensors is handed over
+only once the thread's own stream has finished it), and draws from the global random
 generators (``torch.rand``, ``numpy.random``, ``random``) interleave with the trainer's in an
 order that varies from run to run; give the dataset a generator of its own for reproducible
 augmentations.
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ._tree import ErrorBox
+from ._tree import ErrorBox, tree_leaves
 from .fetch import HostSource
 
 __all__ = ["ThreadedSource"]
@@ -104,6 +105,11 @@ def _produce(ch: _Channel, source: HostSource, device: torch.device | None) -> N
             item: Any
             try:
                 item = next(source)
+                if device is not None and any(t.is_cuda for t in tree_leaves(item)):
+                    # a GPU-resident dataset wrote the batch on this thread's stream, which the
+                    # trainer's stream and our side stream know nothing of: finish that work
+                    # before the batch is handed over (this thread waits, not the trainer)
+                    torch.cuda.current_stream(device).synchronize()
             except StopIteration:
                 item = _END
             except BaseException as e:  # delivered at its step, after the batches before it

@@ -56,7 +56,9 @@ def mask_labels(key: str | int = "labels", value: int = -100) -> Marker:
                             f"sample, got {type(labels).__name__}")
         if not padding.any():
             return batch
-        rows = padding.view(-1, *([1] * (labels.dim() - 1)))
+        # the mask is made on the CPU; labels of a GPU-resident batch are on the GPU, where
+        # masked_fill wants its mask
+        rows = padding.to(labels.device).view(-1, *([1] * (labels.dim() - 1)))
         return _with(batch, key, labels.masked_fill(rows, value))
 
     return mark

@@ -189,6 +189,15 @@ class _CudaOps:
 
 
 @dataclass
+class _Statics:
+    """``static_buffers``: the device tensors a prefetcher hands out at every step of all its
+    passes, and the (shape, dtype) of each."""
+
+    buffers: list[torch.Tensor] | None = None
+    layout: list[tuple[tuple[int, ...], torch.dtype]] | None = None
+
+
+@dataclass
 class _Figures:
     #: host seconds inside ``__next__``, less `throttle_s`
     host_wait_s: float = 0.0
@@ -202,8 +211,9 @@ class _Figures:
 
 class _PrefetchIterator(Iterator[Any]):
     """One pass of a `CudaPrefetcher` over its iterable. It refers to nothing of the
-    prefetcher but its settings and figures: no reference cycle, so a pass dropped without
-    ``close()`` is freed (with its batches and pinned or shared memory) at once.
+    prefetcher but its settings, figures and static buffers: no reference cycle, so a pass
+    dropped without ``close()`` is freed (with its batches and pinned or shared memory) at
+    once.
 
     ``ops``: the CUDA calls (`_CudaOps`); ``None`` on the CPU, where batches pass through."""
 
@@ -224,9 +234,10 @@ class _PrefetchIterator(Iterator[Any]):
         self._marks: collections.deque[tuple[int, Any]] = collections.deque()
         #: (hand-out event, ready event) whose stall is not measured yet
         self._stalls: collections.deque[tuple[Any, Any]] = collections.deque()
-        #: static_buffers: the device tensors handed out at every step, and what they hold
-        self._buffers: list[torch.Tensor] | None = None
-        self._layout: list[tuple[tuple[int, ...], torch.dtype]] | None = None
+        #: static_buffers: the device tensors handed out at every step and their layout,
+        #: the prefetcher's (kept over its passes: a CUDA graph captured in one pass replays
+        #: the same addresses in the next)
+        self._statics = owner._statics
 
     # -- making batches ---------------------------------------------------------------
     def _pull(self) -> bool:
@@ -322,18 +333,20 @@ class _PrefetchIterator(Iterator[Any]):
         return batch, ops.record(ops.stream, timing=True)
 
     def _check_layout(self, batch: Any) -> None:
-        """static_buffers: every batch must fit the buffers made for the first one."""
+        """static_buffers: every batch, in every pass, must fit the buffers made for the
+        prefetcher's first one."""
         layout = [(tuple(t.shape), t.dtype) for t in tree_leaves(batch)]
-        if self._layout is None:
-            self._layout = layout
-        elif layout != self._layout:
+        made = self._statics.layout
+        if made is None:
+            self._statics.layout = layout
+        elif layout != made:
             raise ValueError(
                 f"static_buffers=True copies every batch into the same device tensors (CUDA "
                 f"graphs replay fixed addresses), but batch {self._made - 1} of this pass has "
-                f"the tensors (shape, dtype) {layout}, where the first batch had "
-                f"{self._layout}. Make every batch alike: drop_last=True drops a smaller "
+                f"the tensors (shape, dtype) {layout}, where the buffers were made for "
+                f"{made}. Make every batch alike: drop_last=True drops a smaller "
                 "last batch, even_batches/uneven='pad' fill batches up; or turn "
-                "static_buffers off")
+                "static_buffers off (or use a new CudaPrefetcher for other shapes)")
 
     # -- handing batches out ----------------------------------------------------------
     def __next__(self) -> Any:
@@ -384,11 +397,12 @@ class _PrefetchIterator(Iterator[Any]):
         """Copy ``batch`` into the static buffers on the consumer stream, after its wait for
         the batch and after the steps that used the buffers before (stream order)."""
         leaves = tree_leaves(batch)
-        if self._buffers is None:
-            self._buffers = [ops.empty_like(t) for t in leaves]  # on the consumer stream
-        for out, t in zip(self._buffers, leaves):
+        statics = self._statics
+        if statics.buffers is None:
+            statics.buffers = [ops.empty_like(t) for t in leaves]  # on the consumer stream
+        for out, t in zip(statics.buffers, leaves):
             ops.copy_into(out, t)
-        buffers = iter(self._buffers)
+        buffers = iter(statics.buffers)
         return tree_map(lambda _: next(buffers), batch)
 
     def measure(self) -> None:
@@ -403,7 +417,6 @@ class _PrefetchIterator(Iterator[Any]):
         """Drop batches in flight and close the source iterator (if it has ``close``)."""
         self._queue.clear()
         self._marks.clear()
-        self._buffers = None
         if self._ops is not None:
             self.measure()
         self._stalls.clear()
@@ -433,8 +446,10 @@ class CudaPrefetcher:
             stream right after the copy (CUDA), or in line on CPU: e.g. convert uint8 images
             to normalised floats on the GPU, so 4x fewer bytes cross PCIe.
         static_buffers: CUDA only: hand out the same device tensors at every step (copied
-            into on the consumer stream), for CUDA graphs that replay fixed addresses. A batch
-            is then valid until the next ``next()``; every batch must have the same shapes
+            into on the consumer stream), for CUDA graphs that replay fixed addresses: the same
+            tensors in every pass of this prefetcher (they live as long as it does). A batch
+            is then valid until the next ``next()``, and read in the consumer stream's order
+            (work on another stream must wait for it); every batch must have the same shapes
             and dtypes (else `ValueError` at that batch's step). Costs one device-to-device
             copy per step.
         nvtx: mark fetch, copy and transform with NVTX ranges (``horovod_iter.fetch``,
@@ -474,6 +489,7 @@ class CudaPrefetcher:
         self._stream = stream
         self._pass: _PrefetchIterator | None = None
         self._figures = _Figures()
+        self._statics = _Statics()
 
     def _ops(self) -> _CudaOps | None:
         """The CUDA calls of a pass (None on the CPU)."""

@@ -464,6 +464,23 @@ def test_static_buffers_hand_out_the_same_tensors_and_reject_another_shape_at_it
         next(it)
 
 
+def test_static_buffers_are_the_same_tensors_in_every_pass():
+    """Row 10: a CUDA graph captured in one pass replays the same addresses in the next, so
+    the buffers live with the prefetcher, not with a pass; a later pass of other shapes is
+    refused at its step."""
+    src = [torch.full((4,), i) for i in range(3)]
+    pf = FakePrefetcher(src, FakeOps(), depth=2, static_buffers=True)
+    ptrs, seen = set(), []
+    for _ in range(3):  # epochs
+        for b in pf:
+            ptrs.add(b.data_ptr())
+            seen.append(int(b[0]))
+    assert len(ptrs) == 1 and seen == [0, 1, 2] * 3
+    pf.iterable = [torch.full((5,), 7)]
+    with pytest.raises(ValueError, match=r"buffers were made for \[\(\(4,\)"):
+        next(iter(pf))
+
+
 def test_resolve_device_uses_the_local_rank(monkeypatch):
     """Row 9: device=None is this rank's GPU (local_rank % device count) under CUDA."""
     from horovod_iter.prefetch import resolve_device
@@ -540,3 +557,15 @@ def test_gpu_check_script_says_there_is_no_gpu_and_exits_0():
     proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "gpu_check.py")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_mask_labels_puts_its_mask_on_the_labels_device():
+    """A GPU-resident batch's labels are on the GPU, and the end-of-data check makes the
+    padding mask on the CPU: masked_fill wants both on one device (checked here with the meta
+    device, which refuses a CPU mask as CUDA does)."""
+    labels = torch.zeros(4, 3, dtype=torch.long, device="meta")
+    padding = torch.tensor([False, False, True, True])
+    out = hi.mask_labels("labels")({"labels": labels}, padding)
+    assert out["labels"].device.type == "meta" and out["labels"].shape == (4, 3)
+    cpu = hi.mask_labels(1)((torch.ones(4), torch.zeros(4, dtype=torch.long)), padding)
+    assert cpu[1].tolist() == [0, 0, -100, -100]
