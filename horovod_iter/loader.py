@@ -15,6 +15,7 @@ The position model (the contract; docs/checkpoints.md says it for users):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import weakref
@@ -483,9 +484,13 @@ class DistributedLoader:
         pass_ = Pass(self.epoch, deal.batch, deal.world,
                      steps=resume.steps if resume else 0,
                      samples=resume.samples if resume else 0)
-        source = self._source.open(deal, opts, pass_, resume, self._workers)
+        device = self.device
+        # torch's DataLoader pins on the current CUDA device of the thread that starts its
+        # workers: this rank's GPU, not GPU 0 of a rank that never called set_device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            source = self._source.open(deal, opts, pass_, resume, self._workers)
         if self.fetch_thread:
-            source = ThreadedSource(source, max(1, self.prefetch), device=self.device)
+            source = ThreadedSource(source, max(1, self.prefetch), device=device)
         self._pass = pass_
         self._iterations += 1
         try:

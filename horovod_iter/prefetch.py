@@ -27,9 +27,17 @@ Stream semantics (why it is safe; PyTorch's "CUDA semantics" note and ``Tensor.r
   of the GPU (CUDA graphs, compiled steps, loops that sync every N steps) would otherwise make
   device memory grow with its lead (the FSDP ``record_stream`` story: pytorch#147168,
   torchtitan#735). So an event is recorded on the consumer stream at every hand-out, and before
-  a new device batch is made the host waits (``Event.synchronize``) for the event of the
-  hand-out ``depth + 1`` hand-outs before it; a loop whose host is not that far ahead never
-  waits there (FSDP1's ``limit_all_gathers`` rate limiter is the same idea).
+  a new device batch is made the host waits (``Event.synchronize``, sleeping) for the event of
+  the hand-out ``depth + 1`` hand-outs before it: with ``depth`` batches queued that is the
+  previous hand-out, so the host runs at most about one step ahead of the GPU, whatever
+  ``depth`` (FSDP1's ``limit_all_gathers`` rate limiter is the same idea). A loop that syncs
+  every step never waits there; one that runs further ahead (CUDA graphs, compiled steps,
+  syncs every N steps) waits inside ``next()`` instead of at its next sync, counted in
+  ``throttle_s``.
+* **The side stream's start.** At its first batch, a pass's side stream waits for the work
+  the consumer stream had queued (once a pass), so a ``device_transform`` may read GPU tensors
+  the trainer made before the loop; it must not read tensors the trainer changes during the
+  pass.
 * **Pinned host memory.** The pinned blocks the library makes (batches gathered into pinned
   memory, ``pin_memory()`` of a pageable leaf) come from torch's caching host allocator, which
   records the copy's event on the block and does not hand it out again before the copy has
@@ -143,8 +151,10 @@ class _CudaOps:
         return torch.cuda.stream(self.stream)
 
     def record(self, stream: Any, timing: bool) -> Any:
-        """An event recorded on ``stream`` (``timing``: the stall figures read its time)."""
-        event = torch.cuda.Event(enable_timing=timing)
+        """An event recorded on ``stream`` (``timing``: the stall figures read its time; the
+        others are the memory bound's marks, which the host may wait for: ``blocking`` makes
+        that wait sleep instead of spinning a core)."""
+        event = torch.cuda.Event(enable_timing=timing, blocking=not timing)
         event.record(stream)
         return event
 
@@ -229,6 +239,7 @@ class _PrefetchIterator(Iterator[Any]):
         self.pin_memory = owner.pin_memory and ops is not None
         self._static = owner.static_buffers and ops is not None
         self._made = 0     # device batches made (pulled and copied) in this pass
+        self._ordered = False  # the side stream waited for the consumer's work of before
         self._handed = 0   # batches handed out in this pass
         #: (hand-out number, event on the consumer stream at that hand-out): the bound
         self._marks: collections.deque[tuple[int, Any]] = collections.deque()
@@ -304,6 +315,12 @@ class _PrefetchIterator(Iterator[Any]):
             if self.pin_memory:  # only CPU leaves: a GPU-resident batch stays where it is
                 host = tree_map(lambda t: ops.pin(t) if ops.needs_pin(t) else t, host)
             side = ops.stream
+            if not self._ordered:
+                # once a pass: the side stream starts after the work the trainer queued before
+                # it, so a device_transform may read GPU tensors made earlier (a mean and std
+                # computed before the loop) without racing their kernels
+                side.wait_stream(ops.current())
+                self._ordered = True
             if gpu:
                 # made on another stream: the side stream waits for it (wait_stream), and the
                 # allocator learns that the side stream uses it (record_stream), so its block

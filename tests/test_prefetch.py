@@ -464,6 +464,19 @@ def test_static_buffers_hand_out_the_same_tensors_and_reject_another_shape_at_it
         next(it)
 
 
+def test_each_pass_side_stream_first_waits_for_the_consumers_earlier_work():
+    """A device_transform may read GPU tensors the trainer made before the loop: each pass's
+    side stream waits for the consumer stream once, before its first copy."""
+    ops = FakeOps()
+    pf = FakePrefetcher([torch.full((4,), i) for i in range(5)], ops, depth=2)
+    for _ in range(2):
+        start = len(ops.log)
+        assert values(pf) == [0, 1, 2, 3, 4]
+        log = ops.log[start:]
+        waits = [i for i, e in enumerate(log) if e == ("wait_stream", "side", "consumer")]
+        assert len(waits) == 1 and waits[0] < log.index(("copy", 0))
+
+
 def test_static_buffers_are_the_same_tensors_in_every_pass():
     """Row 10: a CUDA graph captured in one pass replays the same addresses in the next, so
     the buffers live with the prefetcher, not with a pass; a later pass of other shapes is
