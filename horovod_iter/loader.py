@@ -145,7 +145,8 @@ class DistributedLoader:
             that gathers of equal shapes - ``accelerator.gather_for_metrics``, HF
             ``Trainer.evaluate()``, ``all_gather`` - take them. Needs ``mark_padding``.
         mark_padding: ``mark_padding(batch, mask) -> batch`` marks the copies (``mask``: a
-            bool tensor, True for a padding row), called on every batch:
+            CPU bool tensor, True for a padding row; move it to the device of a GPU-resident
+            batch's tensors before combining them), called on every batch:
             `mask_labels` (labels -100, HF's "ignore") or `flag_padding` (a mask key).
         lookahead_bytes: host memory the batches pulled ahead of the end-of-data check may
             hold (iterable data; tensors, arrays, bytes, str and containers counted, see
